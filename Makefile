@@ -1,0 +1,42 @@
+# Two commands matter on a fresh Debian/Ubuntu machine: `make run` and `make test`.
+# Everything they need (Debian packages, the .venv) is installed here, on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast lint bench clean os-run os-test
+
+run: os-run $(STAMP)
+	$(BIN)/pacs-embed run
+
+test: os-test $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Unit tests only: no sockets, no subprocesses.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy pipeline dicom_listener workers pacs_embed
+
+bench: os-test $(STAMP)
+	$(BIN)/python -m bench.ingest
+
+os-run:
+	@scripts/install-os-packages run
+
+os-test:
+	@scripts/install-os-packages test
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,204 @@
+"""Spooled instance -> PNG (process pool) -> batches per series -> embed jobs on the queue.
+
+One thread owns all of this: it takes paths from the C-STORE handlers (and from reconciliation),
+keeps the process pool busy with a bounded number of conversions, groups converted images by
+series and enqueues a batch when it is full or the series has been quiet for ``linger_seconds``.
+Memory stays bounded: conversion pauses while the embed queue is deeper than ``max_queued_jobs``,
+and the handlers refuse new instances (0xA700) while the backlog here is over its bound.
+
+Crash-safety comes from the spool, not from here: anything in flight when the process dies is
+found again by reconciliation at the next start.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from dicom_listener.spool import SUFFIX, Spool
+from pipeline.convert import ConvertedImage, ConvertOptions, convert_file
+from pipeline.errors import ConversionError, NoPixelDataError
+from pipeline.jobs import EmbedBatch, ImageItem, split
+from pipeline.ledger import Ledger
+
+log = structlog.get_logger(__name__)
+
+Enqueue = Callable[[EmbedBatch], str]
+QueueDepth = Callable[[], int]
+
+
+@dataclass
+class _Series:
+    items: list[ImageItem] = field(default_factory=list)
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True)
+class DispatchLimits:
+    batch_size: int = 16
+    batch_max_bytes: int = 4_000_000
+    linger_seconds: float = 1.0
+    max_queued_jobs: int = 256
+    in_flight: int = 4
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        ledger: Ledger,
+        enqueue: Enqueue,
+        queue_depth: QueueDepth,
+        options: ConvertOptions,
+        limits: DispatchLimits,
+        processes: int,
+    ) -> None:
+        self.spool = spool
+        self.ledger = ledger
+        self.enqueue = enqueue
+        self.queue_depth = queue_depth
+        self.options = options
+        self.limits = limits
+        self.inbox: queue.Queue[Path] = queue.Queue()
+        self._pending: dict[str, _Series] = {}
+        self._futures: dict[cf.Future[ConvertedImage], Path] = {}
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        # forkserver: never fork a process that runs pynetdicom's threads.
+        self._pool = cf.ProcessPoolExecutor(
+            max_workers=processes, mp_context=multiprocessing.get_context("forkserver")
+        )
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+
+    # -- called from other threads -------------------------------------------------------------
+    def submit(self, path: Path) -> None:
+        self._idle.clear()
+        self.inbox.put(path)
+
+    def backlog(self) -> int:
+        """Instances accepted but not yet handed to the queue."""
+        pending = sum(len(series.items) for series in list(self._pending.values()))
+        return self.inbox.qsize() + len(self._futures) + pending
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """For tests and clean shutdown: True once nothing is waiting or pending here."""
+        return self._idle.wait(timeout)
+
+    # -- the dispatcher thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._fill()
+                self._collect(timeout=0.1)
+                self._flush(force=False)
+                if not self.backlog():
+                    self._idle.set()
+            except Exception:  # Redis down, a bug: log, back off, keep going; the spool holds all
+                log.exception("dispatcher.error")
+                self._stop.wait(1.0)
+
+    def _fill(self) -> None:
+        if self.queue_depth() >= self.limits.max_queued_jobs:
+            return  # back-pressure: let the workers catch up
+        received = []
+        while len(self._futures) < self.limits.in_flight:
+            try:
+                path = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            received.append(path.name.removesuffix(SUFFIX))
+            self._futures[self._pool.submit(convert_file, path, self.options)] = path
+        self.ledger.received(received)
+
+    def _collect(self, timeout: float) -> None:
+        if not self._futures:
+            self._stop.wait(timeout)
+            return
+        done, _ = cf.wait(list(self._futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        for future in done:
+            path = self._futures.pop(future)
+            self._settle(path, future)
+
+    def _settle(self, path: Path, future: cf.Future[ConvertedImage]) -> None:
+        sop_uid = path.name.removesuffix(SUFFIX)
+        try:
+            image = future.result()
+        except NoPixelDataError as exc:
+            self.ledger.skipped(sop_uid, str(exc))
+            log.info("convert.skipped", sop_instance_uid=sop_uid, reason=str(exc))
+            return
+        except ConversionError as exc:
+            self._quarantine(sop_uid, path, f"conversion: {exc}")
+            return
+        except Exception as exc:  # a crashed pool process, a bug: quarantine, never lose silently
+            self._quarantine(sop_uid, path, f"conversion crashed: {type(exc).__name__}: {exc}")
+            return
+        self.ledger.converted(
+            sop_uid,
+            {
+                "study": image.study_instance_uid,
+                "series": image.series_instance_uid,
+                "modality": image.modality,
+                "body_part": image.body_part,
+            },
+        )
+        series = self._pending.setdefault(image.series_instance_uid, _Series())
+        series.last_seen = time.monotonic()
+        for frame, png in zip(image.frames, image.pngs, strict=True):
+            series.items.append(
+                ImageItem(
+                    sop_instance_uid=image.sop_instance_uid,
+                    series_instance_uid=image.series_instance_uid,
+                    study_instance_uid=image.study_instance_uid,
+                    modality=image.modality,
+                    body_part=image.body_part,
+                    frame=frame,
+                    png=png,
+                )
+            )
+
+    def _quarantine(self, sop_uid: str, path: Path, reason: str) -> None:
+        self.spool.quarantine(sop_uid, path, reason)
+        self.ledger.failed(sop_uid, "convert", reason)
+        log.warning("convert.quarantined", sop_instance_uid=sop_uid, reason=reason)
+
+    def _flush(self, *, force: bool) -> None:
+        now = time.monotonic()
+        for uid in list(self._pending):
+            series = self._pending[uid]
+            quiet = now - series.last_seen >= self.limits.linger_seconds
+            batches = split(series.items, self.limits.batch_size, self.limits.batch_max_bytes)
+            # Keep a partial last batch back while the series is still arriving.
+            ready = batches if (force or quiet) else batches[:-1]
+            if len(batches) and not (force or quiet) and self._full(batches[-1]):
+                ready = batches
+            for batch_items in ready:
+                batch = EmbedBatch(uid, tuple(batch_items))
+                job_id = self.enqueue(batch)
+                self.ledger.queued(batch.sop_uids, job_id)
+                log.info("batch.enqueued", series_instance_uid=uid, job_id=job_id,
+                         images=len(batch.items), png_bytes=batch.png_bytes)
+            sent = sum(len(b) for b in ready)
+            series.items = series.items[sent:]
+            if not series.items:
+                del self._pending[uid]
+
+    def _full(self, items: list[ImageItem]) -> bool:
+        return len(items) >= self.limits.batch_size

@@ -1,0 +1,153 @@
+"""Wiring for the listener host: spool, dispatcher, reconciliation and the pynetdicom SCP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import redis
+import structlog
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from rq import Queue
+
+from dicom_listener.dispatcher import Dispatcher, DispatchLimits
+from dicom_listener.handlers import handle_echo, handle_store
+from dicom_listener.reconcile import reconcile
+from dicom_listener.spool import Spool
+from pipeline.convert import ConvertOptions
+from pipeline.jobs import EMBED_QUEUE, EmbedBatch, enqueue_batch
+from pipeline.ledger import Ledger
+from pipeline.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+#: What we accept: uncompressed, deflated and every compressed syntax pydicom + pylibjpeg decode.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+
+class Gate:
+    """Back-pressure for the C-STORE handler: low disk or a deep backlog -> 0xA700."""
+
+    def __init__(self, spool: Spool, dispatcher: Dispatcher, min_free_bytes: int, max_backlog: int):
+        self.spool = spool
+        self.dispatcher = dispatcher
+        self.min_free_bytes = min_free_bytes
+        self.max_backlog = max_backlog
+
+    def refuse_reason(self) -> str | None:
+        if self.spool.free_bytes() < self.min_free_bytes:
+            return "free disk under the watermark"
+        if self.dispatcher.backlog() >= self.max_backlog:
+            return "backlog over its bound"
+        return None
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.listener.ae_title)
+    ae.maximum_associations = settings.listener.max_associations
+    ae.require_calling_aet = list(settings.listener.allowed_calling_aets)
+    for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+    return ae
+
+
+class Listener:
+    """The listener host's processes-in-one: start() reconciles, then accepts associations."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.spool = Spool(settings.spool_dir, settings.quarantine_dir)
+        self.ledger = Ledger(connection)
+        self.queue = Queue(EMBED_QUEUE, connection=connection)
+        qs = settings.queue
+        self.dispatcher = Dispatcher(
+            spool=self.spool,
+            ledger=self.ledger,
+            enqueue=self._enqueue,
+            queue_depth=lambda: self.queue.count,
+            options=ConvertOptions(
+                size=settings.convert.size,
+                frame_policy=settings.convert.frame_policy,
+                frame_param=settings.convert.frame_param,
+                window_index=settings.convert.window_index,
+            ),
+            limits=DispatchLimits(
+                batch_size=qs.batch_size,
+                batch_max_bytes=qs.batch_max_bytes,
+                linger_seconds=qs.linger_seconds,
+                max_queued_jobs=qs.max_queued_jobs,
+                in_flight=2 * settings.convert.processes,
+            ),
+            processes=settings.convert.processes,
+        )
+        self.gate = Gate(
+            self.spool,
+            self.dispatcher,
+            settings.listener.min_free_disk_mb * 1024 * 1024,
+            settings.listener.max_backlog,
+        )
+        self.server: ThreadedAssociationServer | None = None
+
+    def _enqueue(self, batch: EmbedBatch) -> str:
+        qs = self.settings.queue
+        return enqueue_batch(
+            self.queue, batch, timeout=qs.job_timeout_seconds, retries=qs.max_retries
+        )
+
+    def _submit(self, path: Path) -> None:
+        self.dispatcher.submit(path)
+
+    def start(self) -> None:
+        reconcile(self.spool, self.ledger, self.connection, self._submit)
+        self.dispatcher.start()
+        lsn = self.settings.listener
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, handle_store, [self.spool, self.gate, self._submit]),
+            (evt.EVT_C_ECHO, handle_echo),
+        ]
+        self.server = build_ae(self.settings).start_server(
+            (lsn.host, lsn.port), block=False, evt_handlers=handlers
+        )
+        log.info("listener.started", ae_title=lsn.ae_title, host=lsn.host, port=lsn.port)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        self.dispatcher.stop()
+        log.info("listener.stopped")

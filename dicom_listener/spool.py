@@ -1,0 +1,106 @@
+"""The spool: received instances on disk, exactly as they arrived. The source of truth.
+
+An instance is *acknowledged* only after ``write`` returns: bytes fsynced, renamed into place,
+directory entry fsynced. Files are named by SOP Instance UID (validated by the caller) in 256
+shard directories, so a million instances never share one directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.errors import SpoolError
+
+SUFFIX = ".dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: Path, quarantine: Path) -> None:
+        self.root = root
+        self.quarantine_root = quarantine
+        self.tmp = root / "tmp"
+        for directory in (root, self.tmp, quarantine):
+            directory.mkdir(parents=True, exist_ok=True)
+        created = False
+        for shard in range(256):
+            path = root / f"{shard:02x}"
+            if not path.is_dir():
+                path.mkdir()
+                created = True
+        if created:
+            _fsync_dir(root)
+
+    def path_for(self, sop_uid: str) -> Path:
+        shard = hashlib.sha1(sop_uid.encode("ascii"), usedforsecurity=False).hexdigest()[:2]
+        return self.root / shard / f"{sop_uid}{SUFFIX}"
+
+    def contains(self, sop_uid: str) -> bool:
+        return self.path_for(sop_uid).is_file()
+
+    def write(self, sop_uid: str, data: bytes) -> Path:
+        """Durably store ``data``: temp file, fsync, rename, fsync the directory."""
+        final = self.path_for(sop_uid)
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp_name, final)
+            except BaseException:
+                Path(tmp_name).unlink(missing_ok=True)
+                raise
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise SpoolError(f"cannot spool {sop_uid}: {exc.strerror or exc}") from exc
+        return final
+
+    def walk(self) -> Iterator[Path]:
+        """Every spooled instance file (the shard directories only, never tmp)."""
+        for shard in sorted(self.root.iterdir()):
+            if shard.is_dir() and shard != self.tmp:
+                yield from (p for p in shard.iterdir() if p.suffix == SUFFIX)
+
+    def clean_tmp(self) -> int:
+        """Remove partial writes left by a crash: they were never acknowledged."""
+        removed = 0
+        for part in self.tmp.iterdir():
+            part.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def quarantine(self, sop_uid: str, source: Path, reason: str) -> Path:
+        """Move an instance out of the spool with its reason beside it, durably."""
+        target = self.quarantine_root / f"{sop_uid}{SUFFIX}"
+        note = self.quarantine_root / f"{sop_uid}.json"
+        with open(note, "w", encoding="utf-8") as handle:
+            json.dump({"sop_instance_uid": sop_uid, "reason": reason, "at": time.time()}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if source.exists():
+            os.replace(source, target)
+            _fsync_dir(source.parent)
+        _fsync_dir(self.quarantine_root)
+        return target
+
+    def quarantined(self) -> int:
+        return sum(1 for _ in self.quarantine_root.glob(f"*{SUFFIX}"))

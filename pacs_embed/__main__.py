@@ -1,0 +1,3 @@
+from pacs_embed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""Child processes for `pacs-embed run`: a private redis-server and our own subcommands.
+
+Children die with their parent: Linux's PR_SET_PDEATHSIG, set in the child before exec, so a
+``kill -9`` of `run` leaves no orphan holding the ports or the Redis files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+import structlog
+
+log = structlog.get_logger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+MAX_UNIX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux
+
+
+def die_with_parent() -> None:
+    """preexec_fn: ask the kernel to SIGKILL this child when the parent dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: children may outlive a killed parent
+        pass
+
+
+def spawn_self(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``python -m pacs_embed ARGS`` with ``env`` added to ours."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pacs_embed", *args],
+        env={**os.environ, **env},
+        preexec_fn=die_with_parent,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, wait, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+class PrivateRedis:
+    """A redis-server under the state dir, append-only, reachable only by this host."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory.resolve()
+        self.socket = self.directory / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._kill_stale()
+        args = [
+            "redis-server",
+            "--dir", str(self.directory),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--pidfile", str(self.directory / "redis.pid"),
+            "--logfile", str(self.directory / "redis.log"),
+            "--bind", "127.0.0.1",
+        ]
+        if len(str(self.socket)) <= MAX_UNIX_SOCKET_PATH:
+            args += ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+            self.url = f"unix://{self.socket}"
+        else:  # a deep state dir: fall back to a loopback port
+            port = free_port()
+            args += ["--port", str(port)]
+            self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc = subprocess.Popen(args, preexec_fn=die_with_parent)
+        wait_for_redis(self.url, timeout, self.proc)
+        # So `pacs-embed status` / `embeddings export` find this Redis with no configuration.
+        (self.directory / "url").write_text(self.url + "\n")
+        log.info("redis.started", url=self.url, pid=self.proc.pid)
+        return self.url
+
+    def _kill_stale(self) -> None:
+        """A redis left by a killed `run` (on a non-Linux host) would hold our files."""
+        pidfile = self.directory / "redis.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"redis-server" in cmdline:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        (self.directory / "url").unlink(missing_ok=True)
+        if self.proc is not None:
+            stop(self.proc)  # SIGTERM: redis flushes its AOF and exits
+            self.proc = None
+
+
+def wait_for_redis(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(url)
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

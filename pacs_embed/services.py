@@ -1,0 +1,48 @@
+"""Builders shared by the subcommands: each takes the settings and returns a ready object."""
+
+from __future__ import annotations
+
+import redis
+
+from pacs_embed.secrets import ensure_secret_file
+from pipeline.admin import status
+from pipeline.admin.server import AdminServer
+from pipeline.errors import ConfigError
+from pipeline.settings import Settings
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """The configured Redis, else the private one a running `pacs-embed run` announced."""
+    url = settings.redis.url
+    announced = settings.state_dir / "redis" / "url"
+    if not url and announced.exists():
+        url = announced.read_text().strip()
+    if not url:
+        raise ConfigError(
+            "redis.url is not set (PACS_EMBED_REDIS__URL) and no `pacs-embed run` is running "
+            f"on state dir {settings.state_dir}"
+        )
+    return redis.Redis.from_url(url)
+
+
+def admin_token(settings: Settings) -> str:
+    """The configured token, else one generated once under the state dir (0600)."""
+    return settings.admin_token() or ensure_secret_file(settings.secrets_dir / "admin.token")
+
+
+def admin_server(settings: Settings, connection: redis.Redis) -> AdminServer:
+    spool, quarantine = settings.spool_dir, settings.quarantine_dir
+
+    def status_route() -> tuple[int, dict[str, object]]:
+        return 200, status.gather(connection, spool, quarantine)
+
+    def ready_route() -> tuple[int, dict[str, object]]:
+        checks = status.ready(connection, spool)
+        return (200 if all(checks.values()) else 503), dict(checks)
+
+    return AdminServer(
+        settings.admin.host,
+        settings.admin.port,
+        admin_token(settings),
+        {"/status": status_route, "/readyz": ready_route},
+    )

@@ -1,0 +1,1 @@
+"""The admin endpoint: reads state (Redis, the spool's disk), writes nothing."""

@@ -1,0 +1,66 @@
+"""Every exception pacs-embed raises on purpose, in one tree.
+
+Each boundary raises its own type so the caller that owns the outcome (the C-STORE handler, the
+embed job, the CLI) maps it in one place: to a DICOM status, to "retry" or to "quarantine".
+
+    PacsEmbedError
+    ├── ConfigError                  settings that cannot work; raised at start-up only
+    ├── SpoolError                   the spool cannot take an instance (disk full, unwritable)
+    ├── ConversionError              this object cannot become a PNG; permanent -> quarantine
+    │   └── NoPixelDataError         SR, KOS, presentation state...: nothing to embed
+    └── EndpointError                the MedImageInsight endpoint did not give us embeddings
+        ├── TransientEndpointError   408/429/5xx, timeouts, refused connections: retry later
+        └── PermanentEndpointError   4xx, model errors (424), malformed answers: quarantine
+            └── ResponseFormatError  the answer does not fit the contract (shape, count, NaN)
+"""
+
+from __future__ import annotations
+
+
+class PacsEmbedError(Exception):
+    """Root of every error raised on purpose by pacs-embed."""
+
+
+class ConfigError(PacsEmbedError):
+    """Settings that cannot work; the message names the setting and what is wrong with it."""
+
+
+class SpoolError(PacsEmbedError):
+    """An instance could not be made durable in the spool."""
+
+
+class ConversionError(PacsEmbedError):
+    """An image object cannot be turned into the endpoint's PNG input.
+
+    The message is precise enough to be the quarantine reason an operator reads.
+    """
+
+
+class NoPixelDataError(ConversionError):
+    """The object has no pixel data (SR, KOS, presentation state, ...), so nothing to embed."""
+
+
+class EndpointError(PacsEmbedError):
+    """The endpoint did not return usable embeddings.
+
+    ``status`` is the HTTP status when there was one; ``retry_after`` the server's hint in seconds.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class TransientEndpointError(EndpointError):
+    """Worth retrying: throttling, overload, cold start, timeouts, dropped connections."""
+
+
+class PermanentEndpointError(EndpointError):
+    """Retrying will not help; the message is the server's own and becomes the quarantine reason."""
+
+
+class ResponseFormatError(PermanentEndpointError):
+    """The answer breaks the contract: a short or malformed answer is an error, not a shift."""

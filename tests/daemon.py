@@ -1,0 +1,154 @@
+"""Test harness: `pacs-embed run` as a real process group, driven like an operator would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import free_port
+
+AE_TITLE = "PACS_EMBED"
+
+
+class Daemon:
+    def __init__(self, state_dir: Path, log_path: Path, **settings: str) -> None:
+        self.state_dir = state_dir
+        self.log_path = log_path
+        self.dicom_port = free_port()
+        self.admin_port = free_port()
+        self.env = {
+            **os.environ,
+            "PACS_EMBED_STATE_DIR": str(state_dir),
+            "PACS_EMBED_LISTENER__HOST": "127.0.0.1",
+            "PACS_EMBED_LISTENER__PORT": str(self.dicom_port),
+            "PACS_EMBED_ADMIN__PORT": str(self.admin_port),
+            "PACS_EMBED_EMULATOR__PORT": str(free_port()),
+            "PACS_EMBED_LISTENER__MIN_FREE_DISK_MB": "16",
+            **{f"PACS_EMBED_{k.upper()}": v for k, v in settings.items()},
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> Daemon:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pacs_embed", "run"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        self.wait_for(lambda: self._get("/healthz") is not None, timeout, "admin /healthz")
+        self.wait_for(lambda: echo(self.dicom_port) == 0, timeout, "C-ECHO")
+        return self
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Ctrl-C, as an operator would; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        return int(self.proc.returncode)
+
+    def kill9(self) -> None:
+        """Power cut: SIGKILL to every process of the daemon at once."""
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def group_alive(self) -> bool:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    # -- observing ----------------------------------------------------------------------------
+    def token(self) -> str:
+        return (self.state_dir / "secrets" / "admin.token").read_text().strip()
+
+    def _get(self, path: str, token: str | None = None) -> dict[str, Any] | None:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+                return dict(json.load(response))
+        except OSError:
+            return None
+
+    def status(self) -> dict[str, Any]:
+        doc = self._get("/status", self.token())
+        assert doc is not None, "admin /status did not answer"
+        return doc
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}"
+                                     f"\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def wait_embedded(self, n: int, timeout: float = 120.0) -> dict[str, Any]:
+        self.wait_for(lambda: self.status()["instances"]["embedded"] >= n, timeout,
+                      f"{n} embedded")
+        return self.status()
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue
+        return lines
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pacs_embed", *args],
+            env=self.env, capture_output=True, text=True, timeout=120, check=False,
+        )
+
+
+def dcmtk_env() -> dict[str, str]:
+    """DCMTK 3.6.7 leaves Nagle on: without TCP_NODELAY each image stalls ~45 ms on loopback."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def echo(port: int) -> int:
+    return subprocess.run(
+        ["echoscu", "-aec", AE_TITLE, "127.0.0.1", str(port)],
+        env=dcmtk_env(), capture_output=True, timeout=30, check=False,
+    ).returncode
+
+
+def storescu(port: int, files: list[Path], *extra: str) -> subprocess.CompletedProcess[str]:
+    """Send files in one association; -v so each response's status is in the output."""
+    return subprocess.run(
+        ["storescu", "-v", "-aec", AE_TITLE, "-aet", "STORESCU", *extra,
+         "127.0.0.1", str(port), *map(str, files)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def successes(result: subprocess.CompletedProcess[str]) -> int:
+    return (result.stdout + result.stderr).count("Received Store Response (Success)")
