@@ -34,7 +34,9 @@ def storescp_reference(files: list[Path], workdir: Path) -> float:
     out.mkdir()
     proc = subprocess.Popen(
         ["storescp", "-aet", "PACS_EMBED", "-od", str(out), "--fork", str(port)],
-        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         time.sleep(0.5)
@@ -68,10 +70,14 @@ def main() -> None:
     n = args.images
     print(f"images: {n} CT {args.size}x{args.size} int16, one association, loopback")
     print(f"C-STORE to DCMTK storescp : {n / reference:8.1f} images/s (reference)")
-    print(f"C-STORE to pacs-embed     : {n / ours:8.1f} images/s "
-          f"(ratio {reference / ours:.2f} of storescp's rate)")
-    print(f"stored -> all embedded    : {n / total:8.1f} images/s end to end "
-          "(local emulator, not MedImageInsight)")
+    print(
+        f"C-STORE to pacs-embed     : {n / ours:8.1f} images/s "
+        f"(ratio {reference / ours:.2f} of storescp's rate)"
+    )
+    print(
+        f"stored -> all embedded    : {n / total:8.1f} images/s end to end "
+        "(local emulator, not MedImageInsight)"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -28,6 +29,7 @@ from pipeline.convert import ConvertedImage, ConvertOptions, convert_file
 from pipeline.errors import ConversionError, NoPixelDataError
 from pipeline.jobs import EmbedBatch, ImageItem, split
 from pipeline.ledger import Ledger
+from pipeline.lifetime import pool_process_init
 
 log = structlog.get_logger(__name__)
 
@@ -73,9 +75,13 @@ class Dispatcher:
         self._futures: dict[cf.Future[ConvertedImage], Path] = {}
         self._stop = threading.Event()
         self._idle = threading.Event()
-        # forkserver: never fork a process that runs pynetdicom's threads.
+        # spawn: never fork a process that runs pynetdicom's threads; and unlike forkserver,
+        # the pool processes are our own children, so they can die with us.
         self._pool = cf.ProcessPoolExecutor(
-            max_workers=processes, mp_context=multiprocessing.get_context("forkserver")
+            max_workers=processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=pool_process_init,
+            initargs=(os.getpid(),),
         )
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
@@ -193,8 +199,13 @@ class Dispatcher:
                 batch = EmbedBatch(uid, tuple(batch_items))
                 job_id = self.enqueue(batch)
                 self.ledger.queued(batch.sop_uids, job_id)
-                log.info("batch.enqueued", series_instance_uid=uid, job_id=job_id,
-                         images=len(batch.items), png_bytes=batch.png_bytes)
+                log.info(
+                    "batch.enqueued",
+                    series_instance_uid=uid,
+                    job_id=job_id,
+                    images=len(batch.items),
+                    png_bytes=batch.png_bytes,
+                )
             sent = sum(len(b) for b in ready)
             series.items = series.items[sent:]
             if not series.items:

@@ -87,3 +87,14 @@ def handle_echo(event: Event) -> int:
     """EVT_C_ECHO: alive."""
     log.debug("echo", calling_ae=event.assoc.requestor.ae_title)
     return StoreStatus.SUCCESS
+
+
+def handle_accepted(event: Event) -> None:
+    """EVT_ACCEPTED: who connected (AE titles and address; no patient data exists yet)."""
+    requestor = event.assoc.requestor
+    log.info("association.accepted", calling_ae=requestor.ae_title, address=requestor.address)
+
+
+def handle_released(event: Event) -> None:
+    """EVT_RELEASED / EVT_ABORTED: the end of an association."""
+    log.info("association.closed", calling_ae=event.assoc.requestor.ae_title, how=event.event.name)

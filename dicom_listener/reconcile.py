@@ -28,8 +28,13 @@ def reconcile(
     spool: Spool, ledger: Ledger, connection: redis.Redis, submit: Callable[[Path], None]
 ) -> dict[str, int]:
     """Resubmit every unfinished spooled instance; return counts for the start-up log."""
-    counts = {"partial_writes_removed": spool.clean_tmp(), "spooled": 0, "final": 0,
-              "waiting": 0, "resubmitted": 0}
+    counts = {
+        "partial_writes_removed": spool.clean_tmp(),
+        "spooled": 0,
+        "final": 0,
+        "waiting": 0,
+        "resubmitted": 0,
+    }
     chunk: list[Path] = []
     for path in spool.walk():
         chunk.append(path)

@@ -29,7 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from rq import Queue
 
 from dicom_listener.dispatcher import Dispatcher, DispatchLimits
-from dicom_listener.handlers import handle_echo, handle_store
+from dicom_listener.handlers import handle_accepted, handle_echo, handle_released, handle_store
 from dicom_listener.reconcile import reconcile
 from dicom_listener.spool import Spool
 from pipeline.convert import ConvertOptions
@@ -139,6 +139,9 @@ class Listener:
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.spool, self.gate, self._submit]),
             (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_ACCEPTED, handle_accepted),
+            (evt.EVT_RELEASED, handle_released),
+            (evt.EVT_ABORTED, handle_released),
         ]
         self.server = build_ae(self.settings).start_server(
             (lsn.host, lsn.port), block=False, evt_handlers=handlers

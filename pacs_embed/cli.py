@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ from typing import Any
 
 import structlog
 
+from pacs_embed.processes import PARENT_PID_ENV
 from pipeline import logs
 from pipeline.errors import ConfigError, ConversionError
+from pipeline.lifetime import die_with_parent
 from pipeline.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -41,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent:
+        die_with_parent(int(parent))
     args = _parser().parse_args(argv)
     try:
         settings = Settings.load(args.config)

@@ -1,12 +1,13 @@
 """Child processes for `pacs-embed run`: a private redis-server and our own subcommands.
 
-Children die with their parent: Linux's PR_SET_PDEATHSIG, set in the child before exec, so a
-``kill -9`` of `run` leaves no orphan holding the ports or the Redis files.
+Each child gets its own process group, so a Ctrl-C in the terminal reaches only `run`, which then
+stops the children in order (workers finish their job, Redis flushes its AOF last). And children
+die with their parent: Linux's PR_SET_PDEATHSIG, set in the child before exec, so a ``kill -9`` of
+`run` leaves no orphan holding the ports or the Redis files.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -17,27 +18,24 @@ from pathlib import Path
 import redis
 import structlog
 
+from pipeline.lifetime import die_with_parent
+
 log = structlog.get_logger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 MAX_UNIX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux
 
 
-def die_with_parent() -> None:
-    """preexec_fn: ask the kernel to SIGKILL this child when the parent dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: children may outlive a killed parent
-        pass
+#: Set for our own children; the CLI then calls die_with_parent() first thing. (Doing it in the
+#: child rather than in a preexec_fn: `run` respawns workers while its threads are running.)
+PARENT_PID_ENV = "PACS_EMBED_PARENT_PID"
 
 
 def spawn_self(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start ``python -m pacs_embed ARGS`` with ``env`` added to ours."""
     return subprocess.Popen(
         [sys.executable, "-m", "pacs_embed", *args],
-        env={**os.environ, **env},
-        preexec_fn=die_with_parent,
+        env={**os.environ, **env, PARENT_PID_ENV: str(os.getpid())},
+        process_group=0,
     )
 
 
@@ -67,13 +65,20 @@ class PrivateRedis:
         self._kill_stale()
         args = [
             "redis-server",
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--pidfile", str(self.directory / "redis.pid"),
-            "--logfile", str(self.directory / "redis.log"),
-            "--bind", "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--pidfile",
+            str(self.directory / "redis.pid"),
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--bind",
+            "127.0.0.1",
         ]
         if len(str(self.socket)) <= MAX_UNIX_SOCKET_PATH:
             args += ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
@@ -82,7 +87,8 @@ class PrivateRedis:
             port = free_port()
             args += ["--port", str(port)]
             self.url = f"redis://127.0.0.1:{port}/0"
-        self.proc = subprocess.Popen(args, preexec_fn=die_with_parent)
+        # preexec_fn is safe here: Redis starts before `run` has any other thread.
+        self.proc = subprocess.Popen(args, process_group=0, preexec_fn=die_with_parent)
         wait_for_redis(self.url, timeout, self.proc)
         # So `pacs-embed status` / `embeddings export` find this Redis with no configuration.
         (self.directory / "url").write_text(self.url + "\n")

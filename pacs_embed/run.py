@@ -76,8 +76,13 @@ def run(settings: Settings, config_args: list[str]) -> int:
         listener.start()
         admin = admin_server(settings, connection)
         admin.start_in_thread()
-        log.info("run.ready", dicom_port=settings.listener.port, admin_port=settings.admin.port,
-                 workers=len(workers), state_dir=str(settings.state_dir))
+        log.info(
+            "run.ready",
+            dicom_port=settings.listener.port,
+            admin_port=settings.admin.port,
+            workers=len(workers),
+            state_dir=str(settings.state_dir),
+        )
         return _supervise(stopping, children, workers, config_args, env)
     finally:
         log.info("run.stopping")

@@ -16,10 +16,19 @@ import structlog
 #: Event keys whose values are patient data (DICOM keywords and the snake_case we would use).
 PHI_KEYS = frozenset(
     {
-        "PatientName", "patient_name", "PatientID", "patient_id",
-        "PatientBirthDate", "patient_birth_date", "birth_date",
-        "AccessionNumber", "accession_number", "accession",
-        "OtherPatientIDs", "PatientAddress", "ReferringPhysicianName",
+        "PatientName",
+        "patient_name",
+        "PatientID",
+        "patient_id",
+        "PatientBirthDate",
+        "patient_birth_date",
+        "birth_date",
+        "AccessionNumber",
+        "accession_number",
+        "accession",
+        "OtherPatientIDs",
+        "PatientAddress",
+        "ReferringPhysicianName",
     }
 )
 REDACTED = "[redacted]"

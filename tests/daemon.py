@@ -35,13 +35,17 @@ class Daemon:
             **{f"PACS_EMBED_{k.upper()}": v for k, v in settings.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        self._family: list[int] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pacs_embed", "run"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         self.wait_for(lambda: self._get("/healthz") is not None, timeout, "admin /healthz")
@@ -52,6 +56,7 @@ class Daemon:
         """Ctrl-C, as an operator would; returns the exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:
+            self._family = descendants(self.proc.pid)
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout)
@@ -60,21 +65,20 @@ class Daemon:
         return int(self.proc.returncode)
 
     def kill9(self) -> None:
-        """Power cut: SIGKILL to every process of the daemon at once."""
+        """``kill -9`` of `run`: its children must die with it (PR_SET_PDEATHSIG)."""
         assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self._family = descendants(self.proc.pid)
+        self.proc.kill()
         self.proc.wait(10)
 
-    def group_alive(self) -> bool:
-        assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+    def family_alive(self, timeout: float = 5.0) -> list[int]:
+        """PIDs of `run`'s children (seen at kill/stop time) still running after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = [pid for pid in self._family if running(pid)]
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.1)
 
     # -- observing ----------------------------------------------------------------------------
     def token(self) -> str:
@@ -99,15 +103,15 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while not predicate():
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}"
-                                     f"\n{self.log_tail()}")
+                raise AssertionError(
+                    f"daemon exited ({self.proc.returncode}) waiting for {what}\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}\n{self.log_tail()}")
             time.sleep(0.2)
 
     def wait_embedded(self, n: int, timeout: float = 120.0) -> dict[str, Any]:
-        self.wait_for(lambda: self.status()["instances"]["embedded"] >= n, timeout,
-                      f"{n} embedded")
+        self.wait_for(lambda: self.status()["instances"]["embedded"] >= n, timeout, f"{n} embedded")
         return self.status()
 
     def log_lines(self) -> list[dict[str, Any]]:
@@ -125,7 +129,11 @@ class Daemon:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "pacs_embed", *args],
-            env=self.env, capture_output=True, text=True, timeout=120, check=False,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
 
 
@@ -137,18 +145,63 @@ def dcmtk_env() -> dict[str, str]:
 def echo(port: int) -> int:
     return subprocess.run(
         ["echoscu", "-aec", AE_TITLE, "127.0.0.1", str(port)],
-        env=dcmtk_env(), capture_output=True, timeout=30, check=False,
+        env=dcmtk_env(),
+        capture_output=True,
+        timeout=30,
+        check=False,
     ).returncode
 
 
 def storescu(port: int, files: list[Path], *extra: str) -> subprocess.CompletedProcess[str]:
     """Send files in one association; -v so each response's status is in the output."""
     return subprocess.run(
-        ["storescu", "-v", "-aec", AE_TITLE, "-aet", "STORESCU", *extra,
-         "127.0.0.1", str(port), *map(str, files)],
-        env=dcmtk_env(), capture_output=True, text=True, timeout=300, check=False,
+        [
+            "storescu",
+            "-v",
+            "-aec",
+            AE_TITLE,
+            "-aet",
+            "STORESCU",
+            *extra,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
 def successes(result: subprocess.CompletedProcess[str]) -> int:
     return (result.stdout + result.stderr).count("Received Store Response (Success)")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init, which may never reap it)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root``, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat(int(stat.parent.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

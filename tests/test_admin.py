@@ -58,10 +58,16 @@ def test_status_counts_instances(server: AdminServer, redis_conn: redis.Redis) -
     ledger.failed("1.2.4", "convert", "conversion: unsupported Bits Allocated 7")
     code, doc = get(server, "/status", "t0ken")
     assert code == 200
-    assert doc["instances"] == {"received": 2, "converted": 0, "embedded": 0, "failed": 1,
-                                "skipped": 0}
-    assert doc["queues"] == {"embed": {"queued": 0, "started": 0, "scheduled": 0, "failed": 0,
-                                       "finished": 0}}
+    assert doc["instances"] == {
+        "received": 2,
+        "converted": 0,
+        "embedded": 0,
+        "failed": 1,
+        "skipped": 0,
+    }
+    assert doc["queues"] == {
+        "embed": {"queued": 0, "started": 0, "scheduled": 0, "failed": 0, "finished": 0}
+    }
     failures = doc["failures"]
     assert isinstance(failures, list) and failures[0]["reason"].endswith("Bits Allocated 7")
 

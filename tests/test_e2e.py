@@ -22,8 +22,13 @@ pytestmark = [
 ]
 
 N = 20
-PHI = (factory.PATIENT_NAME, "Doe", factory.PATIENT_ID, factory.PATIENT_BIRTH_DATE,
-       factory.ACCESSION_NUMBER)
+PHI = (
+    factory.PATIENT_NAME,
+    "Doe",
+    factory.PATIENT_ID,
+    factory.PATIENT_BIRTH_DATE,
+    factory.ACCESSION_NUMBER,
+)
 
 
 def write_series(directory: Path, n: int = N, seed: int = 0) -> tuple[list[Path], list[str]]:
@@ -85,7 +90,7 @@ def test_series_in_embeddings_out(daemon: Daemon, tmp_path: Path) -> None:
     assert sum(1 for line in daemon.log_lines() if line.get("event") == "store.duplicate") == N
 
     assert daemon.stop() == 0
-    assert not daemon.group_alive(), "Ctrl-C must stop every process `run` started"
+    assert daemon.family_alive(timeout=0) == [], "Ctrl-C must stop every process `run` started"
     log_text = daemon.log_path.read_text()
     for value in PHI:
         assert value not in log_text, f"PHI {value!r} in the daemon's log"
@@ -101,7 +106,7 @@ def test_kill9_after_ack_loses_nothing(tmp_path: Path) -> None:
     assert successes(sent) == N, sent.stdout + sent.stderr
     embedded_at_kill = first.status()["instances"]["embedded"]
     first.kill9()
-    assert not first.group_alive()
+    assert first.family_alive() == [], "children must die with a killed `run`"
     assert embedded_at_kill < N, "the kill came too late to test anything"
 
     second = Daemon(state, log)
@@ -119,5 +124,8 @@ def test_kill9_after_ack_loses_nothing(tmp_path: Path) -> None:
 
 
 def _images_enqueued(daemon: Daemon) -> int:
-    return sum(line.get("images", 0) for line in daemon.log_lines()
-               if line.get("event") == "batch.enqueued")
+    return sum(
+        line.get("images", 0)
+        for line in daemon.log_lines()
+        if line.get("event") == "batch.enqueued"
+    )

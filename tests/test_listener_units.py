@@ -61,8 +61,13 @@ def spool(tmp_path: Path) -> Spool:
 
 @pytest.fixture
 def ct() -> pydicom.Dataset:
-    return factory.ct_slice(study_uid=factory.new_uid(), series_uid=factory.new_uid(),
-                            instance_number=1, rows=32, columns=32)
+    return factory.ct_slice(
+        study_uid=factory.new_uid(),
+        series_uid=factory.new_uid(),
+        instance_number=1,
+        rows=32,
+        columns=32,
+    )
 
 
 def store(event: FakeEvent, spool: Spool, gate: Open | None = None) -> tuple[int, list[Path]]:

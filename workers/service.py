@@ -88,11 +88,18 @@ class EmbedService:
         reason = f"endpoint: {exc}"
         for item in items:
             self.ledger.failed(item.sop_instance_uid, "embed", reason)
-        log.warning("embed.quarantined", images=len(items), reason=reason,
-                    sop_instance_uids=[item.sop_instance_uid for item in items])
+        log.warning(
+            "embed.quarantined",
+            images=len(items),
+            reason=reason,
+            sop_instance_uids=[item.sop_instance_uid for item in items],
+        )
 
     def give_up(self, batch: EmbedBatch, exc: Exception) -> None:
         """The job's last retry failed transiently: record why, so the instances are final."""
-        pending = [i for i, d in zip(batch.items, self.ledger.embedded(batch.sop_uids),
-                                     strict=True) if not d]
+        pending = [
+            i
+            for i, d in zip(batch.items, self.ledger.embedded(batch.sop_uids), strict=True)
+            if not d
+        ]
         self._fail(pending, exc)

@@ -71,9 +71,7 @@ class AdminServer:
         return Handler
 
     def start_in_thread(self) -> None:
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="admin", daemon=True
-        )
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="admin", daemon=True)
         self._thread.start()
         log.info("admin.started", host=self.address[0], port=self.address[1])
 
