@@ -78,3 +78,5 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     # pynetdicom logs every PDU at INFO, including the peer's identifiers in some dumps:
     # keep it at WARNING unless we are debugging.
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
+    # httpx logs every request at INFO; our client logs retries and failures itself.
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
