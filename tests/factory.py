@@ -22,6 +22,7 @@ from pydicom.uid import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
     UltrasoundMultiFrameImageStorage,
     generate_uid,
 )
@@ -297,6 +298,47 @@ def mono_multiframe(*, frames: int = 10, rows: int = 64, columns: int = 64) -> p
     ds.PixelRepresentation = 0
     data = np.repeat(np.arange(frames, dtype=np.uint8) * 10, rows * columns)
     ds.PixelData = data.tobytes()
+    return ds
+
+
+def gray_image(
+    pixels: np.ndarray,
+    *,
+    bits_allocated: int | None = None,
+    bits_stored: int | None = None,
+    modality: str = "OT",
+    photometric: str = "MONOCHROME2",
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+) -> pydicom.Dataset:
+    """A grey Secondary Capture of ``pixels`` (2-D, or 3-D for frames) stored as given.
+
+    The dtype decides Pixel Representation (signed or not) and, unless ``bits_allocated`` says
+    otherwise, Bits Allocated; bool pixels are packed as Bits Allocated 1. ``window`` is
+    (center, width); ``rescale`` is (slope, intercept).
+    """
+    ds = _base(SecondaryCaptureImageStorage, modality, ExplicitVRLittleEndian)
+    frames = pixels if pixels.ndim == 3 else pixels[np.newaxis]
+    allocated = bits_allocated or (1 if pixels.dtype == np.bool_ else 8 * pixels.dtype.itemsize)
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    if frames.shape[0] > 1:
+        ds.NumberOfFrames = frames.shape[0]
+    ds.Rows, ds.Columns = frames.shape[1:]
+    ds.BitsAllocated = allocated
+    ds.BitsStored = bits_stored or allocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if allocated == 1:
+        data = np.packbits(frames.astype(bool).ravel(), bitorder="little").tobytes()
+    else:
+        data = frames.astype(frames.dtype.newbyteorder("<")).tobytes()
+    ds.PixelData = data + b"\0" * (len(data) % 2)
     return ds
 
 

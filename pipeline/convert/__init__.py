@@ -2,34 +2,96 @@
 
 Public API::
 
-    ConvertOptions, ConvertedImage           options in, result out (frozen, picklable)
-    to_png(ds, options) -> list[bytes]       one PNG per selected frame
-    convert_file(path, options)              dcmread + to_png + non-PHI header fields
+    ConvertOptions, ModalityRule, ConvertedImage   options in, result out (frozen, picklable)
+    convert_file(path, options)                    read + sample + to_png + non-PHI header fields
+    to_png(ds, options) -> list[bytes]             one PNG per selected frame
+    render_frame(ds, frame, options)               one frame as 8 bits, before resize/PNG
+    to_u8(ds, stored, frame, options)              the grey/colour stage alone (for the bench)
 
-Stages, one module each: ``decode`` (checks, frame decoding), ``header`` (Modality LUT / VOI of a
-frame), ``pixels`` (pure numpy grey pipeline), ``png`` (resize + encode), ``options``.
-Every failure leaves as :class:`ConversionError` (or :class:`NoPixelDataError`), so the caller
-quarantines with a readable reason; no pydicom/numpy/Pillow exception escapes.
+Stages, one module each: ``decode`` (read, checks, frame decoding), ``guards`` (bomb checks),
+``palette`` (PALETTE COLOR), ``header`` (Modality LUT / VOI of a frame), ``pixels`` (pure numpy
+grey pipeline), ``png`` (resize + encode), ``options`` (options, frame and series sampling).
+Per-modality rules are resolved once per object (:meth:`ConvertOptions.for_modality`). Failures
+leave as :class:`ConversionError`; objects deliberately not embedded as :class:`SkippedError`
+(no pixel data, not sampled); no pydicom/numpy/Pillow exception escapes.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import Decoder
 
 from pipeline.convert import decode, header, pixels, png
-from pipeline.convert.options import ConvertedImage, ConvertOptions, select_frames
-from pipeline.errors import ConversionError, PacsEmbedError
+from pipeline.convert.options import (
+    ConvertedImage,
+    ConvertOptions,
+    ModalityRule,
+    select_frames,
+    series_skip_reason,
+)
+from pipeline.errors import ConversionError, NotSampledError, PacsEmbedError
 
-__all__ = ["ConvertOptions", "ConvertedImage", "convert_file", "render_frame", "to_png"]
+__all__ = [
+    "ConvertOptions",
+    "ConvertedImage",
+    "ModalityRule",
+    "convert_file",
+    "render_frame",
+    "to_png",
+    "to_u8",
+]
 
 _DEFAULT_OPTIONS = ConvertOptions()
+
+
+def _str(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
+
+
+def _resolve(ds: Dataset, options: ConvertOptions) -> ConvertOptions:
+    return options.for_modality(_str(ds, "Modality"))
+
+
+def to_u8(
+    ds: Dataset,
+    stored: npt.NDArray[Any],
+    frame: int,
+    options: ConvertOptions,
+    bits_stored: int = 0,
+) -> npt.NDArray[np.uint8]:
+    """Decoded frame -> 8 bits: Modality LUT, VOI (header, else preset, else percentiles), polarity.
+
+    ``options`` must already be resolved for the object's modality; ``bits_stored`` is what
+    :func:`decode.decode_frame` says is still to be masked.
+    """
+    if stored.ndim == 3:
+        return pixels.color_to_u8(stored, int(ds.get("BitsStored", 8) or 8))
+    if stored.ndim != 2:
+        raise ConversionError(f"frame {frame} decoded to an unexpected shape {stored.shape}")
+    voi = header.voi_of(ds, frame, options.window_index, options.window_explanation)
+    if voi is None and options.preset_window is not None:
+        voi = pixels.Window(*options.preset_window)
+    return pixels.gray_to_u8(
+        stored,
+        header.modality_of(ds, frame),
+        voi,
+        header.is_monochrome1(ds),
+        options.percentiles,
+        bits_stored,
+    )
+
+
+def _render(
+    ds: Dataset, decoder: Decoder | None, frame: int, options: ConvertOptions
+) -> npt.NDArray[np.uint8]:
+    stored, bits_stored = decode.decode_frame(ds, decoder, frame)
+    return to_u8(ds, stored, frame, options, bits_stored)
 
 
 def render_frame(
@@ -39,67 +101,68 @@ def render_frame(
 
     Exposed so tests and the DCMTK comparison see the pixels before resizing and PNG encoding.
     """
-    decoder = decode.check(ds, options.max_pixels)
+    options = _resolve(ds, options)
+    decoder = decode.check(ds, options.max_pixels, options.max_decoded_bytes, 1)
     return _render(ds, decoder, frame, options)
 
 
-def _render(
-    ds: Dataset, decoder: Decoder | None, frame: int, options: ConvertOptions
-) -> npt.NDArray[np.uint8]:
-    arr = decode.decode_frame(ds, decoder, frame)
-    if arr.ndim == 3:
-        return pixels.color_to_u8(arr, int(ds.get("BitsStored", 8) or 8))
-    if arr.ndim != 2:
-        raise ConversionError(f"frame {frame} decoded to an unexpected shape {arr.shape}")
-    return pixels.gray_to_u8(
-        arr,
-        header.modality_of(ds, frame),
-        header.voi_of(ds, frame, options.window_index),
-        header.is_monochrome1(ds),
-        options.percentiles,
-    )
-
-
-def to_png(ds: Dataset, options: ConvertOptions = _DEFAULT_OPTIONS) -> list[bytes]:
-    """PNG bytes, one per frame chosen by ``options.frame_policy``.
-
-    Raises NoPixelDataError for objects without an image, ConversionError for anything that
-    cannot be decoded or rendered.
-    """
+def _frames_and_pngs(ds: Dataset, options: ConvertOptions) -> tuple[list[int], list[bytes]]:
+    """The selected frames and their PNGs; every unexpected failure becomes ConversionError."""
     try:
-        decoder = decode.check(ds, options.max_pixels)
+        options = _resolve(ds, options)
         frames = select_frames(decode.frame_count(ds), options.frame_policy, options.frame_param)
-        return [png.encode(_render(ds, decoder, f, options), options.size) for f in frames]
+        decoder = decode.check(ds, options.max_pixels, options.max_decoded_bytes, len(frames))
+        return frames, [png.encode(_render(ds, decoder, f, options), options.size) for f in frames]
     except PacsEmbedError:
         raise
     except MemoryError:
         raise  # not this object's fault: let the pool see it and retry later
     except Exception as exc:
-        raise ConversionError(f"cannot convert pixel data: {type(exc).__name__}: {exc}") from exc
+        detail = " ".join(str(exc).split())  # one line: it becomes a quarantine reason
+        raise ConversionError(f"cannot convert pixel data: {type(exc).__name__}: {detail}") from exc
 
 
-def _str(ds: Dataset, keyword: str) -> str:
-    return str(ds.get(keyword, "") or "").strip()
+def to_png(ds: Dataset, options: ConvertOptions = _DEFAULT_OPTIONS) -> list[bytes]:
+    """PNG bytes, one per frame chosen by the modality's frame policy.
+
+    Raises NoPixelDataError for objects without an image, ConversionError for anything that
+    cannot be decoded or rendered.
+    """
+    return _frames_and_pngs(ds, options)[1]
+
+
+def _optional_int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def convert_file(
     path: str | os.PathLike[str], options: ConvertOptions = _DEFAULT_OPTIONS
 ) -> ConvertedImage:
-    """Read a DICOM file and convert it; top-level so a ProcessPoolExecutor can pickle it.
+    """Read a DICOM file, apply series sampling, convert; top-level so a process pool can pickle it.
 
-    Only UIDs, SOP Class, Modality and Body Part Examined are copied out: no patient data.
+    Raises NotSampledError when the modality's series policy leaves the instance out (decided
+    from its header before any pixel is decoded). Only UIDs, SOP Class, Modality and Body Part
+    Examined are copied out: no patient data.
     """
-    try:
-        ds = pydicom.dcmread(os.fspath(path))
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ConversionError(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
-    except OSError as exc:
-        raise ConversionError(f"cannot read file: {exc.strerror or exc}") from exc
+    ds = decode.read(Path(path), options.max_decoded_bytes)
     sop_instance_uid = _str(ds, "SOPInstanceUID")
     if not sop_instance_uid:
         raise ConversionError("no SOP Instance UID")
-    frames = select_frames(decode.frame_count(ds), options.frame_policy, options.frame_param)
-    pngs = to_png(ds, options)
+    resolved = _resolve(ds, options)
+    if any(k in ds for k in decode.PIXEL_KEYWORDS):
+        reason = series_skip_reason(
+            _optional_int(ds, "InstanceNumber"),
+            _optional_int(ds, "ImagesInAcquisition"),
+            resolved.series_policy,
+            resolved.series_param,
+        )
+        if reason is not None:
+            raise NotSampledError(reason)
+    frames, pngs = _frames_and_pngs(ds, resolved)
     return ConvertedImage(
         sop_instance_uid=sop_instance_uid,
         study_instance_uid=_str(ds, "StudyInstanceUID"),

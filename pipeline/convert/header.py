@@ -91,24 +91,50 @@ def modality_of(ds: Dataset, frame: int = 0) -> Modality:
     return Rescale()
 
 
-def voi_of(ds: Dataset, frame: int = 0, window_index: int = 0) -> Voi | None:
-    """The frame's VOI: a window (pair ``window_index``, else the first), else a VOI LUT.
+def _strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    values = value if isinstance(value, MultiValue | list | tuple) else [value]
+    return [str(v or "").strip().upper() for v in values]
+
+
+def pick_window(n_pairs: int, explanations: list[str], index: int, explanation: str | None) -> int:
+    """Which of ``n_pairs`` windows to use: the first whose Explanation matches ``explanation``
+    (case-insensitive), else pair ``index``, else the first."""
+    if explanation:
+        wanted = explanation.strip().upper()
+        for i, text in enumerate(explanations[:n_pairs]):
+            if text == wanted:
+                return i
+    return index if index < n_pairs else 0
+
+
+def voi_of(
+    ds: Dataset, frame: int = 0, window_index: int = 0, window_explanation: str | None = None
+) -> Voi | None:
+    """The frame's VOI: a window (chosen by :func:`pick_window`), else a VOI LUT.
 
     A window of width < 1 (invalid per PS3.3) is ignored; None means "no VOI in the header".
     A window is preferred over a VOI LUT Sequence when both are present, because the window is
-    what ``window_index`` selects and what DCMTK applies with ``+Wi``.
+    what ``window_index`` selects and what DCMTK applies with ``+Wi``. Centre, width and
+    explanation are read from the same item, so the explanation names the pair it sits beside.
     """
     sources = [*_group_items(ds, frame, _FRAME_VOI_LUT), ds]
-    centers = _floats(_first(sources, "WindowCenter"))
-    widths = _floats(_first(sources, "WindowWidth"))
-    pairs = list(zip(centers, widths, strict=False))
-    if pairs:
-        center, width = pairs[window_index] if window_index < len(pairs) else pairs[0]
-        function = str(_first(sources, "VOILUTFunction") or "LINEAR").strip().upper()
-        if function not in VOI_FUNCTIONS:
-            function = "LINEAR"
-        if width >= 1.0 or (function != "LINEAR" and width > 0.0):
-            return Window(center=center, width=width, function=function)
+    holder = next((src for src in sources if src.get("WindowCenter") not in (None, "")), None)
+    if holder is not None:
+        centers = _floats(holder.get("WindowCenter"))
+        widths = _floats(holder.get("WindowWidth"))
+        pairs = list(zip(centers, widths, strict=False))
+        explanations = _strings(holder.get("WindowCenterWidthExplanation"))
+        if pairs:
+            center, width = pairs[
+                pick_window(len(pairs), explanations, window_index, window_explanation)
+            ]
+            function = str(_first(sources, "VOILUTFunction") or "LINEAR").strip().upper()
+            if function not in VOI_FUNCTIONS:
+                function = "LINEAR"
+            if width >= 1.0 or (function != "LINEAR" and width > 0.0):
+                return Window(center=center, width=width, function=function)
     for src in sources:
         seq = src.get("VOILUTSequence")
         if seq:

@@ -22,6 +22,7 @@ evaluating floats per pixel on a large radiograph.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,14 +150,39 @@ def gray_to_u8(
     voi: Voi | None,
     mono1: bool,
     percentiles: tuple[float, float],
+    bits_stored: int = 0,
 ) -> U8Array:
-    """One grey frame of stored values -> 8-bit, through a LUT when the values are integers."""
+    """One grey frame of stored values -> 8-bit, through a lookup table for 8/16-bit integers.
+
+    ``bits_stored`` (0: all bits) masks the bits above it and sign-extends signed data; for
+    8/16-bit input this happens inside the table, so raw Pixel Data can be passed unmasked.
+    """
     if stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2 and stored.size:
-        return _gray_by_lut(stored, modality, voi, mono1, percentiles)
+        return _gray_by_lut(stored, modality, voi, mono1, percentiles, bits_stored)
     values = apply_modality(np.nan_to_num(stored.astype(np.float64)), modality)
     if voi is None:
         voi = stretch_window(values.ravel(), None, percentiles)
     return voi_to_u8(values, voi, mono1)
+
+
+def _domain(bits: int, bits_stored: int, signed: bool) -> npt.NDArray[np.int64]:
+    """The stored value each ``bits``-wide bit pattern means: masked, sign-extended if signed."""
+    pattern = np.arange(1 << bits, dtype=np.int64)
+    used = bits_stored if 0 < bits_stored < bits else bits
+    value = pattern & ((1 << used) - 1)
+    if signed:
+        value = np.where(value >= 1 << (used - 1), value - (1 << used), value)
+    return value
+
+
+@functools.lru_cache(maxsize=32)
+def _fixed_table(
+    bits: int, bits_stored: int, signed: bool, modality: Rescale, voi: Window, mono1: bool
+) -> U8Array:
+    """The whole pipeline for every bit pattern, kept: a series repeats the same parameters."""
+    table = voi_to_u8(apply_modality(_domain(bits, bits_stored, signed), modality), voi, mono1)
+    table.flags.writeable = False
+    return table
 
 
 def _gray_by_lut(
@@ -165,19 +191,22 @@ def _gray_by_lut(
     voi: Voi | None,
     mono1: bool,
     percentiles: tuple[float, float],
+    bits_stored: int,
 ) -> U8Array:
-    """8/16-bit integers: evaluate the pipeline once per possible value, then index.
+    """8/16-bit integers: evaluate the pipeline once per possible bit pattern, then index.
 
     The table is laid out by the values' unsigned bit pattern, so signed data is indexed through
-    a free ``view`` instead of an offset copy.
+    a free ``view`` instead of an offset copy. Tables of hashable parameters (rescale + window,
+    the CT case) are cached, so a series pays for one table, not one per slice.
     """
-    unsigned = np.dtype(f"u{stored.dtype.itemsize}")
+    if not stored.dtype.isnative:  # big-endian Pixel Data: the view below needs native order
+        stored = stored.astype(stored.dtype.newbyteorder("="))
     bits = 8 * stored.dtype.itemsize
-    index = stored.view(unsigned)
-    domain = np.arange(1 << bits, dtype=np.int64)
-    if stored.dtype.kind == "i":  # bit pattern -> signed value
-        domain = np.where(domain >= 1 << (bits - 1), domain - (1 << bits), domain)
-    values = apply_modality(domain, modality)
+    signed = stored.dtype.kind == "i"
+    index = stored.view(np.dtype(f"u{stored.dtype.itemsize}"))
+    if isinstance(modality, Rescale) and isinstance(voi, Window):
+        return np.take(_fixed_table(bits, bits_stored, signed, modality, voi, mono1), index)
+    values = apply_modality(_domain(bits, bits_stored, signed), modality)
     if voi is None:
         counts = np.bincount(index.ravel(), minlength=1 << bits).astype(np.int64)
         present = counts > 0
