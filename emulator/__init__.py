@@ -1,10 +1,12 @@
 """A local stand-in for the MedImageInsight endpoint (`pacs-embed emulator`). NOT A MEDICAL MODEL.
 
-It speaks the same HTTP contract (DESIGN §5), checks the key and injects faults on demand, but its
+It speaks the same HTTP contract (DESIGN §5), checks the key and misbehaves on purpose (latency,
+capacity, error rates, hangs, truncated bodies, cold start: ``emulator.faults``), but its
 embeddings are deterministic functions of pixels and words (see ``emulator.model``), useful only
 for running and testing pacs-embed without Azure. Never read clinical meaning into them.
 """
 
+from emulator.faults import FaultPlan
 from emulator.model import SCALING_FACTOR
 from emulator.server import EMULATOR_HEADER, EMULATOR_HEADER_VALUE, EmulatorConfig, EmulatorServer
 
@@ -14,4 +16,5 @@ __all__ = [
     "SCALING_FACTOR",
     "EmulatorConfig",
     "EmulatorServer",
+    "FaultPlan",
 ]

@@ -276,16 +276,34 @@ def test_key_never_appears_in_error_messages(
     assert "[key]" in str(caught.value)
 
 
-def test_malformed_200_body_is_a_response_format_error(
+def test_truncated_200_body_is_retried(
+    client_factory: Callable[..., EndpointClient], sleeps: Sleeps
+) -> None:
+    """A 200 whose body is not JSON (cut short, a proxy page) is retried like a 5xx."""
+    recorder = Recorder([lambda r: httpx.Response(200, text='[{"image_features": [[0.1')])
+    vectors = client_factory(recorder).embed_images(pngs(2))
+    assert vectors.shape == (2, EMBEDDING_DIM)
+    assert len(recorder.requests) == 2 and len(sleeps.delays) == 1
+
+
+def test_truncated_200_body_every_time_is_transient(
     client_factory: Callable[..., EndpointClient],
 ) -> None:
-    """A 200 whose body is not JSON, or is short, is a ResponseFormatError, not retried."""
-    recorder = Recorder([lambda r: httpx.Response(200, text='[{"image_features": [[0.1')])
-    with pytest.raises(ResponseFormatError, match="not JSON"):
-        client_factory(recorder).embed_images(pngs(1))
+    """A body that never parses exhausts the attempts as a transient error naming the cause."""
+    truncated: Handler = lambda r: httpx.Response(200, text="[{")  # noqa: E731
+    recorder = Recorder([truncated] * 3)
+    with pytest.raises(TransientEndpointError, match="not JSON"):
+        client_factory(recorder, max_attempts=3).embed_images(pngs(1))
+
+
+def test_short_json_answer_is_a_response_format_error(
+    client_factory: Callable[..., EndpointClient],
+) -> None:
+    """Valid JSON that breaks the contract (too few rows) is a ResponseFormatError, not retried."""
     recorder = Recorder([lambda r: httpx.Response(200, json=[])])
     with pytest.raises(ResponseFormatError, match="0 row objects for 2 rows"):
         client_factory(recorder).embed_images(pngs(2))
+    assert len(recorder.requests) == 1
 
 
 def test_empty_batch_makes_no_request(client_factory: Callable[..., EndpointClient]) -> None:

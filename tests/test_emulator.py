@@ -14,7 +14,7 @@ from PIL import Image
 
 from emulator import EMULATOR_HEADER, EMULATOR_HEADER_VALUE, EmulatorConfig, EmulatorServer, model
 from pipeline.embed import EMBEDDING_DIM, EndpointClient, Row
-from pipeline.errors import PermanentEndpointError, ResponseFormatError
+from pipeline.errors import PermanentEndpointError
 
 KEY = "emulator-test-key"
 
@@ -193,11 +193,14 @@ def test_fault_503_is_retried_then_succeeds(emulator: EmulatorServer) -> None:
     assert delays == [2.0]
 
 
-def test_fault_malformed_is_a_response_format_error(emulator: EmulatorServer) -> None:
-    """An injected malformed body surfaces as ResponseFormatError, not as wrong vectors."""
-    with EndpointClient(emulator.url, key=KEY, transport=FaultOnce("malformed")) as client:
-        with pytest.raises(ResponseFormatError):
-            client.embed_images([png(gradient(0.2))])
+def test_fault_malformed_is_retried_not_shifted(emulator: EmulatorServer) -> None:
+    """An injected truncated body is retried; the vectors then come from a complete answer."""
+    image = png(gradient(0.2))
+    transport = FaultOnce("malformed")
+    with EndpointClient(emulator.url, key=KEY, transport=transport, sleep=lambda s: None) as client:
+        vectors = client.embed_images([image])
+    assert transport.requests == 2
+    np.testing.assert_allclose(vectors[0], model.embed_image(image), rtol=1e-6)
 
 
 def test_fault_413_makes_the_client_split(emulator: EmulatorServer) -> None:

@@ -1,12 +1,17 @@
 """The HTTP client of the MedImageInsight online endpoint (DESIGN §5).
 
 One ``embed(rows)`` call is one logical request: it retries transient failures (408, 429, 5xx,
-dropped connections, timeouts) with full-jitter exponential back-off that honours ``Retry-After``,
-splits the batch in half on 413, and maps everything else to the ``EndpointError`` tree:
+dropped connections, timeouts, a 2xx body cut short) with full-jitter exponential back-off that
+honours ``Retry-After``, splits the batch in half on 413, and maps everything else to the
+``EndpointError`` tree:
 
     TransientEndpointError   still failing after max_attempts or past the deadline: retry the job
     PermanentEndpointError   401/403/400/404/424/...: the server's message is the quarantine reason
-    ResponseFormatError      a 2xx answer that does not fit the contract (see contract.py)
+    ResponseFormatError      a 2xx JSON answer that does not fit the contract (see contract.py)
+
+Each HTTP attempt (not each call) holds a slot of the optional fleet-wide ``limiter`` while it is
+on the wire, so back-off sleeps and response parsing never keep other workers waiting. Every
+attempt and retry is reported to the optional ``metrics``.
 
 The key is sent only in the ``Authorization`` header; it never appears in a log line or a message.
 """
@@ -15,57 +20,36 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, NoReturn, Protocol
+from typing import NoReturn
 
 import httpx
 import numpy as np
 import structlog
 
+from pipeline.embed.auth import AZURE_ML_SCOPE, TokenCache, TokenCredential
 from pipeline.embed.contract import EMBEDDING_DIM, EmbedResult, Matrix, Row, build_request
 from pipeline.embed.contract import parse_response as parse_contract_response
+from pipeline.embed.limiter import InFlightLimiter, Lease
 from pipeline.embed.retry import (
     TOO_LARGE_STATUS,
     TRANSIENT_STATUSES,
-    model_error_details,
+    Failure,
     next_delay,
+    permanent_message,
     retry_after_seconds,
 )
-from pipeline.errors import (
-    PermanentEndpointError,
-    ResponseFormatError,
-    TransientEndpointError,
-)
+from pipeline.errors import PermanentEndpointError, ResponseFormatError, TransientEndpointError
+from pipeline.metrics import NO_METRICS, RequestMetrics
+
+__all__ = ["AZURE_ML_SCOPE", "EndpointClient", "RequestMetrics", "TokenCredential"]
 
 log = structlog.get_logger(__name__)
 
-#: Entra ID scope of Azure ML online endpoints.
-AZURE_ML_SCOPE = "https://ml.azure.com/.default"
-
-#: Fetch a new token this many seconds before the cached one expires.
-TOKEN_REFRESH_MARGIN = 300.0
-
-#: How much of the server's error body goes into a PermanentEndpointError message.
-MAX_ERROR_BODY_CHARS = 500
-
 #: Header that routes a request to one deployment behind the endpoint.
 DEPLOYMENT_HEADER = "azureml-model-deployment"
-
-
-class _AccessToken(Protocol):
-    @property
-    def token(self) -> str: ...
-    @property
-    def expires_on(self) -> int: ...
-
-
-class TokenCredential(Protocol):
-    """The part of azure-identity's credential protocol this client uses."""
-
-    def get_token(self, *scopes: str) -> _AccessToken: ...
 
 
 class _TooLarge(Exception):
@@ -80,7 +64,7 @@ class EndpointClient:
         url: str,
         *,
         key: str | None = None,
-        credential: Any | None = None,
+        credential: TokenCredential | None = None,
         deployment: str | None = None,
         transport: httpx.BaseTransport | None = None,
         connect_timeout: float = 10.0,
@@ -89,6 +73,8 @@ class EndpointClient:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         deadline: float = 600.0,
+        limiter: InFlightLimiter | None = None,
+        metrics: RequestMetrics | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -108,7 +94,7 @@ class EndpointClient:
                 raise ValueError(f"{name} must be positive, got {value}")
         self._url = url
         self._key = key or None
-        self._credential: TokenCredential | None = credential
+        self._tokens = TokenCache(credential) if credential is not None else None
         self._deployment = deployment
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -116,11 +102,11 @@ class EndpointClient:
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._deadline = deadline
+        self._limiter = limiter
+        self._metrics: RequestMetrics = metrics or NO_METRICS
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._clock = clock
-        self._token: _AccessToken | None = None
-        self._token_lock = threading.Lock()
         self._http = httpx.Client(
             transport=transport,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
@@ -170,118 +156,134 @@ class EndpointClient:
 
     def _post_with_retries(self, rows: list[Row], deadline_at: float) -> EmbedResult:
         content = json.dumps(build_request(rows), separators=(",", ":")).encode()
-        failure, status, retry_after = "no attempt made", None, None
+        failure = Failure("no attempt made", "none")
         attempts = 0
         while attempts < self._max_attempts:
-            remaining = deadline_at - self._clock()
-            if remaining <= 0:
+            if deadline_at - self._clock() <= 0:
                 break
             attempts += 1
-            try:
-                response = self._http.post(
-                    self._url,
-                    content=content,
-                    headers=self._headers(),
-                    timeout=httpx.Timeout(
-                        min(self._read_timeout, remaining),
-                        connect=min(self._connect_timeout, remaining),
-                    ),
-                )
-            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-                raise PermanentEndpointError(f"endpoint URL unusable: {exc}") from exc
-            except httpx.TransportError as exc:
-                failure, status, retry_after = type(exc).__name__, None, None
-            else:
-                if response.is_success:
-                    return self._parse(response, rows)
-                if response.status_code == TOO_LARGE_STATUS:
-                    raise _TooLarge
-                if response.status_code not in TRANSIENT_STATUSES:
-                    self._raise_permanent(response)
-                status = response.status_code
-                failure, retry_after = f"HTTP {status}", retry_after_seconds(response.headers)
+            outcome = self._attempt(content, rows, deadline_at)
+            if isinstance(outcome, EmbedResult):
+                return outcome
+            failure = outcome
             if attempts >= self._max_attempts:
                 break
             delay = next_delay(
                 attempts - 1,
-                retry_after,
+                failure.retry_after,
                 base=self._backoff_base,
                 cap=self._backoff_max,
                 rng=self._rng,
             )
             if self._clock() + delay >= deadline_at:
-                failure += f"; next wait of {delay:.1f} s would pass the deadline"
+                message = f"{failure.message}; next wait of {delay:.1f} s would pass the deadline"
+                failure = Failure(message, failure.reason, failure.status, failure.retry_after)
                 break
             log.warning(
                 "endpoint.retry",
-                status=status,
-                error=failure,
+                status=failure.status,
+                error=failure.message,
                 attempt=attempts,
                 delay=round(delay, 3),
-                retry_after=retry_after,
+                retry_after=failure.retry_after,
             )
+            self._metrics.retry(failure.reason)
             self._sleep(delay)
         raise TransientEndpointError(
             self._redact(
                 f"endpoint failed {attempts} time(s) (max_attempts {self._max_attempts}, "
-                f"deadline {self._deadline:g} s): {failure}"
+                f"deadline {self._deadline:g} s): {failure.message}"
             ),
-            status=status,
-            retry_after=retry_after,
+            status=failure.status,
+            retry_after=failure.retry_after,
         )
 
-    def _parse(self, response: httpx.Response, rows: list[Row]) -> EmbedResult:
+    def _attempt(
+        self, content: bytes, rows: list[Row], deadline_at: float
+    ) -> EmbedResult | Failure:
+        """One POST inside one in-flight slot: the result, or the transient failure to retry."""
+        headers = self._headers()  # may fetch a token: before taking a slot, not inside it
+        lease = self._take_slot(deadline_at)
+        started = time.perf_counter()
+        try:
+            remaining = max(deadline_at - self._clock(), 0.001)
+            response = self._http.post(
+                self._url,
+                content=content,
+                headers=headers,
+                timeout=httpx.Timeout(
+                    min(self._read_timeout, remaining),
+                    connect=min(self._connect_timeout, remaining),
+                ),
+            )
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise PermanentEndpointError(f"endpoint URL unusable: {exc}") from exc
+        except httpx.TransportError as exc:
+            kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
+            self._report(kind, time.perf_counter() - started, content)
+            return Failure(type(exc).__name__, kind)
+        finally:
+            if lease is not None:
+                lease.release()
+        elapsed = time.perf_counter() - started
+        status = response.status_code
+        if not response.is_success:
+            self._report(str(status), elapsed, content)
+            if status == TOO_LARGE_STATUS:
+                raise _TooLarge
+            if status not in TRANSIENT_STATUSES:
+                self._raise_permanent(response)
+            retry_after = retry_after_seconds(response.headers)
+            return Failure(f"HTTP {status}", str(status), status, retry_after)
         try:
             body = response.json()
         except (ValueError, UnicodeDecodeError) as exc:
+            # A 2xx cut short, or a proxy's page, says nothing about the images: try again.
+            self._report(str(status), elapsed, content)
             snippet = response.text[:80]
-            raise ResponseFormatError(
-                f"HTTP {response.status_code} body is not JSON ({exc}): {snippet!r}",
-                status=response.status_code,
-            ) from None
-        return parse_contract_response(body, rows)
+            return Failure(f"HTTP {status} body is not JSON ({exc}): {snippet!r}", "malformed")
+        try:
+            result = parse_contract_response(body, rows)
+        except ResponseFormatError:
+            self._report(str(status), elapsed, content)
+            raise
+        images = sum(row.has_image for row in rows)
+        self._report(str(status), elapsed, content, images)
+        return result
+
+    def _take_slot(self, deadline_at: float) -> Lease | None:
+        if self._limiter is None:
+            return None
+        waited_from = time.perf_counter()
+        lease = self._limiter.acquire(max(0.0, deadline_at - self._clock()))
+        self._metrics.slot_wait(time.perf_counter() - waited_from)
+        if lease is None:
+            raise TransientEndpointError(
+                f"no in-flight slot came free (fleet-wide limit {self._limiter.limit}) "
+                f"before the deadline ({self._deadline:g} s)"
+            )
+        return lease
+
+    def _report(self, status: str, seconds: float, content: bytes, images: int = 0) -> None:
+        self._metrics.attempt(
+            status=status, seconds=seconds, bytes_sent=len(content), images=images
+        )
 
     def _raise_permanent(self, response: httpx.Response) -> NoReturn:
-        status = response.status_code
-        parts = [f"endpoint answered {status} {response.reason_phrase}".rstrip()]
-        details = model_error_details(response.headers)
-        if details:
-            parts.append("; ".join(details))
-        text = response.text.strip()
-        if text:
-            if len(text) > MAX_ERROR_BODY_CHARS:
-                text = text[:MAX_ERROR_BODY_CHARS] + "..."
-            parts.append(text)
-        raise PermanentEndpointError(self._redact(": ".join(parts)), status=status)
+        message = permanent_message(
+            response.status_code, response.reason_phrase, response.headers, response.text
+        )
+        raise PermanentEndpointError(self._redact(message), status=response.status_code)
 
     def _headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
         if self._key is not None:
             headers["authorization"] = f"Bearer {self._key}"
-        elif self._credential is not None:
-            headers["authorization"] = f"Bearer {self._bearer_token()}"
+        elif self._tokens is not None:
+            headers["authorization"] = f"Bearer {self._tokens.bearer()}"
         if self._deployment:
             headers[DEPLOYMENT_HEADER] = self._deployment
         return headers
-
-    def _bearer_token(self) -> str:
-        """A cached Entra token, fetched again ``TOKEN_REFRESH_MARGIN`` s before it expires."""
-        assert self._credential is not None
-        with self._token_lock:
-            now = time.time()
-            cached = self._token
-            if cached is not None and now < cached.expires_on - TOKEN_REFRESH_MARGIN:
-                return cached.token
-            try:
-                self._token = self._credential.get_token(AZURE_ML_SCOPE)
-            except Exception as exc:
-                if cached is not None and now < cached.expires_on - 30:
-                    log.warning("endpoint.token_refresh_failed", error=type(exc).__name__)
-                    return cached.token  # still valid: refresh again on the next request
-                raise TransientEndpointError(
-                    f"could not get an Entra token for {AZURE_ML_SCOPE}: {type(exc).__name__}"
-                ) from exc
-            return self._token.token
 
     def _redact(self, message: str) -> str:
         """``message`` without the key, should a server ever echo it back."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 #: Statuses that mean "not now": request timeout, throttling, server errors, cold start/scaling.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -18,6 +19,21 @@ TOO_LARGE_STATUS = 413
 #: Prefix of the headers Azure ML uses to explain a model error (424),
 #: e.g. ``ms-azureml-model-error-reason``.
 MODEL_ERROR_HEADER_PREFIX = "ms-azureml-model-error-"
+
+#: How much of the server's error body goes into a permanent error's message.
+MAX_ERROR_BODY_CHARS = 500
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One attempt's transient failure: the message, the reason it is counted under in metrics
+    (a status such as ``"429"``, or ``"timeout"``, ``"connection"``, ``"malformed"``), and the
+    status and ``Retry-After`` hint when the server answered."""
+
+    message: str
+    reason: str
+    status: int | None = None
+    retry_after: float | None = None
 
 
 def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
@@ -63,3 +79,17 @@ def model_error_details(headers: Mapping[str, str]) -> list[str]:
         for name, value in headers.items()
         if name.lower().startswith(MODEL_ERROR_HEADER_PREFIX)
     )
+
+
+def permanent_message(status: int, phrase: str, headers: Mapping[str, str], body: str) -> str:
+    """The quarantine reason for a permanent answer: status, model-error headers, server text."""
+    parts = [f"endpoint answered {status} {phrase}".rstrip()]
+    details = model_error_details(headers)
+    if details:
+        parts.append("; ".join(details))
+    text = body.strip()
+    if text:
+        if len(text) > MAX_ERROR_BODY_CHARS:
+            text = text[:MAX_ERROR_BODY_CHARS] + "..."
+        parts.append(text)
+    return ": ".join(parts)

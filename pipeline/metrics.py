@@ -1,0 +1,241 @@
+"""Fleet-wide endpoint metrics: every worker process writes to Redis, the admin endpoint reads.
+
+Workers run in many processes on many hosts, so a per-process prometheus_client registry would
+need every worker scraped. Instead each HTTP attempt adds to fields of one Redis hash (one
+pipelined round trip), and ``FleetCollector`` turns the hash into Prometheus families whenever
+``GET /metrics`` is scraped. Counters only grow; a Redis flush resets them, which Prometheus'
+``rate()`` handles like a process restart.
+
+Hash fields are ``name`` or ``name|label=value``; histogram buckets are stored per bucket (not
+cumulative) as ``<name>|le=<bound>`` plus ``<name>|sum``. Images per second over the last
+minute come from 10-second counters that expire on their own.
+
+    pacs_embed_endpoint_requests_total{status}      HTTP attempts by status ("timeout", ...)
+    pacs_embed_endpoint_retries_total{reason}       retries the client made, by reason
+    pacs_embed_endpoint_request_seconds             latency of one attempt (histogram)
+    pacs_embed_endpoint_slot_wait_seconds           wait for an in-flight slot (histogram)
+    pacs_embed_endpoint_request_bytes_total         request body bytes sent
+    pacs_embed_endpoint_images_total                images embedded
+    pacs_embed_endpoint_images_per_second           images embedded per second, last minute
+    pacs_embed_endpoint_in_flight / _limit          leases held now, and the fleet-wide cap
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import redis
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+log = structlog.get_logger(__name__)
+
+#: The hash every worker increments.
+METRICS_KEY = "pe:metrics"
+
+#: Prefix of the 10-second image counters behind images/s.
+RATE_KEY_PREFIX = "pe:metrics:images:"
+RATE_BUCKET_SECONDS = 10
+RATE_WINDOW_BUCKETS = 6  # one minute, not counting the bucket still filling
+RATE_KEY_TTL_SECONDS = 300
+
+#: Upper bounds (s) of the latency buckets: loopback emulator to Azure's 180 s request timeout.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0)
+
+#: Upper bounds (s) of the slot-wait buckets.
+WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0)
+
+PREFIX = "pacs_embed_endpoint_"
+
+#: Content-Type of ``render``'s output.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_HISTOGRAMS = {"request_seconds": LATENCY_BUCKETS, "slot_wait_seconds": WAIT_BUCKETS}
+_COUNTERS = {
+    "requests": ("status", "HTTP attempts to the endpoint, by status or transport error"),
+    "retries": ("reason", "Retries made by the endpoint client, by reason"),
+    "request_bytes": (None, "Request body bytes sent to the endpoint"),
+    "images": (None, "Images embedded by the endpoint"),
+}
+_HELP = {
+    "request_seconds": "Latency of one HTTP attempt to the endpoint",
+    "slot_wait_seconds": "Wait for a fleet-wide in-flight slot before an attempt",
+}
+_LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class RequestMetrics(Protocol):
+    """What the endpoint client reports; ``pipeline.embed`` depends on this protocol only."""
+
+    def attempt(self, *, status: str, seconds: float, bytes_sent: int, images: int) -> None: ...
+    def retry(self, reason: str) -> None: ...
+    def slot_wait(self, seconds: float) -> None: ...
+
+
+class _NoMetrics:
+    """Counts nothing: for clients built without Redis (tests, one-off commands)."""
+
+    def attempt(self, *, status: str, seconds: float, bytes_sent: int, images: int) -> None:
+        pass
+
+    def retry(self, reason: str) -> None:
+        pass
+
+    def slot_wait(self, seconds: float) -> None:
+        pass
+
+
+NO_METRICS: RequestMetrics = _NoMetrics()
+
+
+def _field(name: str, label: str | None = None, value: str | None = None) -> str:
+    if label is None:
+        return name
+    return f"{name}|{label}={_LABEL_VALUE.sub('_', str(value))[:40]}"
+
+
+def _bucket(bounds: tuple[float, ...], value: float) -> str:
+    for bound in bounds:
+        if value <= bound:
+            return repr(bound)
+    return "+Inf"
+
+
+class EndpointMetrics:
+    """What the endpoint client reports, written to Redis. Never fails the request it measures:
+    a Redis error here is logged and the numbers are lost."""
+
+    def __init__(self, connection: redis.Redis, *, clock: Callable[[], float] = time.time) -> None:
+        self._redis = connection
+        self._clock = clock
+
+    def attempt(self, *, status: str, seconds: float, bytes_sent: int, images: int) -> None:
+        """One HTTP attempt: its outcome, latency, body size and the images it embedded."""
+        bucket = _bucket(LATENCY_BUCKETS, seconds)
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(METRICS_KEY, _field("requests", "status", status), 1)
+            pipe.hincrby(METRICS_KEY, _field("request_seconds", "le", bucket), 1)
+            pipe.hincrbyfloat(METRICS_KEY, "request_seconds|sum", seconds)
+            pipe.hincrby(METRICS_KEY, "request_bytes", bytes_sent)
+            if images:
+                pipe.hincrby(METRICS_KEY, "images", images)
+                rate_key = f"{RATE_KEY_PREFIX}{int(self._clock() // RATE_BUCKET_SECONDS)}"
+                pipe.incrby(rate_key, images)
+                pipe.expire(rate_key, RATE_KEY_TTL_SECONDS)
+            self._execute(pipe)
+
+    def retry(self, reason: str) -> None:
+        """The client is about to retry because of ``reason`` (a status or an error kind)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(METRICS_KEY, _field("retries", "reason", reason), 1)
+            self._execute(pipe)
+
+    def slot_wait(self, seconds: float) -> None:
+        """How long an attempt waited for a fleet-wide in-flight slot."""
+        bucket = _bucket(WAIT_BUCKETS, seconds)
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(METRICS_KEY, _field("slot_wait_seconds", "le", bucket), 1)
+            pipe.hincrbyfloat(METRICS_KEY, "slot_wait_seconds|sum", seconds)
+            self._execute(pipe)
+
+    @staticmethod
+    def _execute(pipe: Any) -> None:
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("metrics.write_failed", error=type(exc).__name__)
+
+
+class FleetCollector(Collector):
+    """A prometheus_client collector reading the fleet's numbers from Redis at scrape time."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        in_flight: Callable[[], int] | None = None,
+        in_flight_limit: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = connection
+        self._in_flight = in_flight
+        self._limit = in_flight_limit
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        raw: dict[bytes, bytes] = self._redis.hgetall(METRICS_KEY)  # type: ignore[assignment]
+        fields = {key.decode(): float(value) for key, value in raw.items()}
+        yield from self._counters(fields)
+        yield from self._histograms(fields)
+        yield GaugeMetricFamily(
+            f"{PREFIX}images_per_second",
+            "Images embedded per second, fleet-wide, over the last minute",
+            value=self._images_per_second(),
+        )
+        if self._in_flight is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}in_flight", "Requests in flight now, fleet-wide", value=self._in_flight()
+            )
+        if self._limit is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}in_flight_limit",
+                "Fleet-wide cap on requests in flight",
+                value=self._limit,
+            )
+
+    def _counters(self, fields: dict[str, float]) -> Iterator[Metric]:
+        for name, (label, help_text) in _COUNTERS.items():
+            family = CounterMetricFamily(
+                f"{PREFIX}{name}", help_text, labels=[label] if label else None
+            )
+            if label is None:
+                family.add_metric([], fields.get(name, 0.0))
+            else:
+                for field, value in sorted(fields.items()):
+                    head, _, rest = field.partition("|")
+                    if head == name and rest.startswith(f"{label}="):
+                        family.add_metric([rest.split("=", 1)[1]], value)
+            yield family
+
+    def _histograms(self, fields: dict[str, float]) -> Iterator[Metric]:
+        for name, bounds in _HISTOGRAMS.items():
+            counts: dict[str, float] = defaultdict(float)
+            for field, value in fields.items():
+                head, _, rest = field.partition("|")
+                if head == name and rest.startswith("le="):
+                    counts[rest[3:]] += value
+            cumulative, buckets = 0.0, []
+            for bound in [*(repr(b) for b in bounds), "+Inf"]:
+                cumulative += counts.get(bound, 0.0)
+                buckets.append((bound, cumulative))
+            yield HistogramMetricFamily(
+                f"{PREFIX}{name}",
+                _HELP[name],
+                buckets=buckets,
+                sum_value=fields.get(f"{name}|sum", 0.0),
+            )
+
+    def _images_per_second(self) -> float:
+        current = int(self._clock() // RATE_BUCKET_SECONDS)
+        keys = [f"{RATE_KEY_PREFIX}{current - n}" for n in range(1, RATE_WINDOW_BUCKETS + 1)]
+        values = self._redis.mget(keys)
+        total = sum(int(v) for v in values if v is not None)
+        return total / (RATE_WINDOW_BUCKETS * RATE_BUCKET_SECONDS)
+
+
+def render(collector: Collector) -> bytes:
+    """Prometheus text exposition of ``collector`` alone (no process metrics of the admin)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry)
