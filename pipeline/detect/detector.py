@@ -1,0 +1,193 @@
+"""The detector: verdicts for a batch of embedded images, and what the batch teaches the
+reference sets. Built once per worker (``build_detector``) and handed to the embed service.
+
+Two steps, because they have different failure costs. ``assess`` only reads (a cached snapshot
+per cohort, a few matrix products) and its verdicts are stored in the same transaction as the
+vectors, so an image is never stored without its verdict. ``learn`` runs after that commit and
+offers the images to their cohorts' references; losing it to a crash only leaves a reference a
+few images smaller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import redis
+import structlog
+
+from pipeline.detect.cohort import CohortRule
+from pipeline.detect.labels import PromptEmbeddings, TextEmbedder, header_label, judge, zero_shot
+from pipeline.detect.reference import ReferenceStore
+from pipeline.detect.scoring import Floats, knn_scores, p_values, unit_rows
+from pipeline.detect.verdict import SCORED, InstanceVerdict, LabelVerdict
+from pipeline.embed.contract import EMBEDDING_DIM
+from pipeline.settings import DetectSettings, Settings
+
+log = structlog.get_logger(__name__)
+
+
+class Image(Protocol):
+    """The non-PHI header fields of an image (``pipeline.jobs.ImageItem`` has them)."""
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+    @property
+    def series_instance_uid(self) -> str: ...
+    @property
+    def study_instance_uid(self) -> str: ...
+    @property
+    def modality(self) -> str: ...
+    @property
+    def body_part(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A stored verdict to rewrite: a reference image trimmed as a gross outlier, re-scored."""
+
+    sop_instance_uid: str
+    score: float
+    p_value: float
+    outlier: bool
+    reference_size: int
+    reference_version: int
+    reason: str = "reference_trim"
+
+    def apply(self, verdict: InstanceVerdict) -> InstanceVerdict:
+        return replace(
+            verdict,
+            state=SCORED,
+            score=self.score,
+            p_value=self.p_value,
+            outlier=self.outlier,
+            reference_size=self.reference_size,
+            reference_version=self.reference_version,
+            reason=self.reason,
+        )
+
+
+class Detector:
+    def __init__(
+        self,
+        settings: DetectSettings,
+        references: ReferenceStore,
+        prompts: PromptEmbeddings | None = None,
+    ) -> None:
+        self.settings = settings
+        self.references = references
+        self.prompts = prompts
+        self.rule = CohortRule(tuple(settings.cohort_fields), dict(settings.body_part_aliases))
+
+    def cohort_of(self, image: Image) -> str:
+        return self.rule.key(image.modality, image.body_part, getattr(image, "view", ""))
+
+    def assess(self, images: Sequence[Image], vectors: Floats) -> list[InstanceVerdict]:
+        """One verdict per image (row-aligned with ``vectors``)."""
+        unit = unit_rows(vectors)
+        labels = self._labels(images, unit)
+        cohorts = [self.cohort_of(image) for image in images]
+        verdicts: list[InstanceVerdict | None] = [None] * len(images)
+        s = self.settings
+        for cohort in dict.fromkeys(cohorts):
+            rows = [i for i, c in enumerate(cohorts) if c == cohort]
+            snap = self.references.snapshot(cohort)
+            scores = np.full(len(rows), np.nan)
+            if snap.size:
+                scores, _ = knn_scores(unit[rows], snap.vectors, s.k)
+            p = p_values(scores, snap.loo_sorted) if snap.state == SCORED else scores * np.nan
+            for j, i in enumerate(rows):
+                image = images[i]
+                verdicts[i] = InstanceVerdict(
+                    sop_instance_uid=image.sop_instance_uid,
+                    series_instance_uid=image.series_instance_uid,
+                    study_instance_uid=image.study_instance_uid,
+                    cohort=cohort,
+                    state=snap.state,
+                    score=float(scores[j]),
+                    p_value=float(p[j]),
+                    alpha=s.alpha,
+                    k=s.k,
+                    reference_size=snap.size,
+                    reference_version=snap.version,
+                    outlier=bool(p[j] < s.alpha),  # NaN compares False: no flag
+                    label=labels[i],
+                )
+        return [v for v in verdicts if v is not None]
+
+    def _labels(self, images: Sequence[Image], unit: Floats) -> list[LabelVerdict | None]:
+        loaded = self.prompts.get() if self.prompts is not None else None
+        if loaded is None or self.prompts is None:
+            return [None] * len(images)
+        texts, scale = loaded
+        probabilities = zero_shot(unit, texts, scale)
+        s = self.settings
+        return [
+            judge(
+                row,
+                self.prompts.labels,
+                header_label(
+                    image.modality, image.body_part, s.label_modalities, s.body_part_aliases
+                ),
+                s.label_margin,
+            )
+            for image, row in zip(images, probabilities, strict=True)
+        ]
+
+    def learn(self, images: Sequence[Image], vectors: Floats) -> list[Revision]:
+        """Offer the images to their references; revisions for reference images trimmed now."""
+        unit = unit_rows(vectors)
+        cohorts = [self.cohort_of(image) for image in images]
+        revisions: list[Revision] = []
+        for cohort in dict.fromkeys(cohorts):
+            rows = [i for i, c in enumerate(cohorts) if c == cohort]
+            result = self.references.admit(
+                cohort, unit[rows], [images[i].sop_instance_uid for i in rows]
+            )
+            after = result.snapshot
+            revisions.extend(
+                Revision(
+                    sop_instance_uid=t.uid,
+                    score=t.score,
+                    p_value=t.p_value,
+                    outlier=bool(t.p_value < self.settings.alpha),
+                    reference_size=after.size,
+                    reference_version=after.version,
+                )
+                for t in result.trimmed
+                if t.uid and not math.isnan(t.p_value)
+            )
+        return revisions
+
+
+def build_detector(
+    settings: Settings, connection: redis.Redis, client: TextEmbedder | None
+) -> Detector | None:
+    """The detector the settings describe; None when ``detect.enabled`` is false."""
+    d = settings.detect
+    if not d.enabled:
+        return None
+    references = ReferenceStore(
+        connection,
+        k=d.k,
+        min_reference=d.min_reference,
+        max_reference=d.max_reference,
+        trim_mads=d.trim_mads,
+        dim=EMBEDDING_DIM,
+    )
+    prompts = None
+    url = settings.endpoint.url
+    emulator = f"http://{settings.emulator.host}:{settings.emulator.port}/score"
+    if url == emulator and d.label_check:
+        # `run`'s local emulator embeds text and images in unrelated spaces: every image would
+        # be a "mismatch". Its outlier flags still mean something (similar pictures, similar
+        # vectors); its labels do not.
+        log.info("labels.disabled", reason="the local emulator is not a vision-language model")
+    elif d.label_check and d.label_prompts and client is not None and url:
+        prompts = PromptEmbeddings(
+            connection, client, url, settings.endpoint.deployment, d.label_prompts
+        )
+    return Detector(d, references, prompts)

@@ -1,0 +1,144 @@
+"""Similarity search over the embeddings store: the function, the CLI and the admin route."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from pacs_embed import cli
+from pacs_embed.verdict_commands import admin_routes
+from pipeline.admin.server import AdminServer
+from pipeline.detect.search import nearest
+from pipeline.detect.verdict import SCORED, InstanceVerdict
+from pipeline.ledger import Ledger
+from pipeline.settings import Settings
+from pipeline.store import Embedded, EmbeddingStore
+
+
+def unit(*values: float) -> np.ndarray:
+    v = np.zeros(1024, np.float32)
+    v[: len(values)] = values
+    return v / np.linalg.norm(v)
+
+
+BEARER = "t0ken"  # the admin bearer token of these tests
+
+VECTORS = {
+    "1.2.1": unit(1, 0),
+    "1.2.2": unit(1, 0.1),
+    "1.2.3": unit(1, 0.5),
+    "1.2.4": unit(0, 1),
+    "1.2.5": unit(-1, 0),
+}
+
+
+@pytest.fixture
+def store(redis_conn: redis.Redis) -> EmbeddingStore:
+    """Five stored images; 1.2.4 is in cohort MR/HEAD, the rest in CR/CHEST."""
+    s = EmbeddingStore(redis_conn, Ledger(redis_conn))
+    items, verdicts = [], []
+    for uid, vector in VECTORS.items():
+        items.append(Embedded(uid, "1.3", "1.4", "CR", "CHEST", 0, vector))
+        cohort = "MR/HEAD" if uid == "1.2.4" else "CR/CHEST"
+        verdicts.append(
+            InstanceVerdict(uid, "1.3", "1.4", cohort, SCORED, 0.1, 0.5, 0.01, 10, 100, 1, False)
+        )
+    s.save(items, verdicts)
+    return s
+
+
+def test_nearest_orders_by_cosine_and_skips_the_query(store: EmbeddingStore) -> None:
+    """Hits come most similar first, with their similarity; the query's own UID is left out."""
+    hits = nearest(store, VECTORS["1.2.1"], top=3, exclude="1.2.1")
+    assert [h.sop_instance_uid for h in hits] == ["1.2.2", "1.2.3", "1.2.4"]
+    assert hits[0].similarity == pytest.approx(float(VECTORS["1.2.1"] @ VECTORS["1.2.2"]))
+    assert hits[0].series_instance_uid == "1.3" and hits[0].cohort == "CR/CHEST"
+
+
+def test_nearest_within_a_cohort(store: EmbeddingStore) -> None:
+    """--cohort searches only that cohort's images."""
+    hits = nearest(store, VECTORS["1.2.1"], top=10, cohort="MR/HEAD")
+    assert [h.sop_instance_uid for h in hits] == ["1.2.4"]
+
+
+def test_nearest_keeps_the_best_across_chunks(store: EmbeddingStore) -> None:
+    """The running top-N is right when the store is read in many small chunks."""
+    original = store.vectors_in_chunks
+    store.vectors_in_chunks = lambda uids=None, chunk=1000: original(uids, chunk=2)  # type: ignore[method-assign]
+    hits = nearest(store, VECTORS["1.2.5"], top=2)
+    assert [h.sop_instance_uid for h in hits] == ["1.2.5", "1.2.4"]
+
+
+def test_top_is_bounded(store: EmbeddingStore) -> None:
+    """A request for 0 or a million hits is refused."""
+    with pytest.raises(ValueError, match="top"):
+        nearest(store, VECTORS["1.2.1"], top=0)
+
+
+def test_cli_search_by_sop_prints_json(
+    store: EmbeddingStore,
+    redis_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`pacs-embed search --sop UID --json` prints the hits; an unknown UID exits 1."""
+    monkeypatch.setenv("PACS_EMBED_REDIS__URL", redis_server)
+    monkeypatch.setattr(cli.logs, "configure", lambda *_args: None)  # global, not under test
+    assert cli.main(["search", "--sop", "1.2.1", "--top", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [h["sop_instance_uid"] for h in doc["hits"]] == ["1.2.2", "1.2.3"]
+    assert cli.main(["search", "--sop", "9.9.9"]) == 1
+
+
+@pytest.fixture
+def admin(store: EmbeddingStore, redis_conn: redis.Redis) -> Iterator[AdminServer]:
+    server = AdminServer("127.0.0.1", 0, BEARER, {}, admin_routes(Settings.load(), redis_conn))
+    server.start_in_thread()
+    yield server
+    server.shutdown()
+
+
+def get(
+    server: AdminServer, path: str, bearer: str | None = BEARER
+) -> tuple[int, dict[str, object]]:
+    host, port = server.address
+    request = urllib.request.Request(f"http://{host}:{port}{path}")
+    if bearer:
+        request.add_header("Authorization", f"Bearer {bearer}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def test_admin_search_route(admin: AdminServer) -> None:
+    """/search?sop= answers with hits behind the bearer token; bad or unknown UIDs are 4xx."""
+    code, doc = get(admin, "/search?sop=1.2.1&top=1")
+    assert code == 200 and doc["hits"] == [
+        {
+            "sop_instance_uid": "1.2.2",
+            "series_instance_uid": "1.3",
+            "study_instance_uid": "1.4",
+            "cohort": "CR/CHEST",
+            "similarity": pytest.approx(float(VECTORS["1.2.1"] @ VECTORS["1.2.2"]), abs=1e-5),
+        }
+    ]
+    assert get(admin, "/search?sop=1.2.1", bearer=None)[0] == 401
+    assert get(admin, "/search?sop=not-a-uid")[0] == 400
+    assert get(admin, "/search?sop=9.9.9")[0] == 404
+    assert get(admin, "/search?sop=1.2.1&top=0")[0] == 400
+
+
+def test_admin_verdicts_route(admin: AdminServer) -> None:
+    """/verdicts?study= returns the study verdict with its series."""
+    code, doc = get(admin, "/verdicts?study=1.4")
+    assert code == 200 and doc["images"] == 5 and doc["outlier"] is False
+    assert get(admin, "/verdicts?study=9.9")[0] == 404
+    assert get(admin, "/verdicts")[0] == 400
