@@ -25,6 +25,9 @@ lint: $(STAMP)
 
 bench: os-test $(STAMP)
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.convert
+	$(BIN)/python -m bench.endpoint
+	$(BIN)/python -m bench.verdicts
 
 os-run:
 	@scripts/install-os-packages run

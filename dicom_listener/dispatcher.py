@@ -26,7 +26,7 @@ import structlog
 
 from dicom_listener.spool import SUFFIX, Spool
 from pipeline.convert import ConvertedImage, ConvertOptions, convert_file
-from pipeline.errors import ConversionError, NoPixelDataError
+from pipeline.errors import ConversionError, SkippedError
 from pipeline.jobs import EmbedBatch, ImageItem, split
 from pipeline.ledger import Ledger
 from pipeline.lifetime import pool_process_init
@@ -146,7 +146,7 @@ class Dispatcher:
         sop_uid = path.name.removesuffix(SUFFIX)
         try:
             image = future.result()
-        except NoPixelDataError as exc:
+        except SkippedError as exc:
             self.ledger.skipped(sop_uid, str(exc))
             log.info("convert.skipped", sop_instance_uid=sop_uid, reason=str(exc))
             return

@@ -1,9 +1,11 @@
 """Start-up reconciliation: the spool against the ledger.
 
 Everything in the spool was acknowledged. Whatever has not reached a final state, and is not
-already waiting in the queue, is submitted again. Work is idempotent by SOP Instance UID, so an
-instance whose job was running when the host died is simply done again (the worker skips what
-the store already has).
+already waiting in the queue, is submitted again. "Waiting" means really on the queue list (or
+scheduled for a retry): a job a killed worker had dequeued still says QUEUED, in rq's
+intermediate list, until rq's own maintenance notices a minute or so later. Work is idempotent by
+SOP Instance UID, so an instance whose job was running when the host died is simply done again
+(the worker skips what the store already has).
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from pathlib import Path
 
 import redis
 import structlog
+from rq import Queue
 from rq.job import Job, JobStatus
 
 from dicom_listener.spool import SUFFIX, Spool
+from pipeline.jobs import EMBED_QUEUE
 from pipeline.ledger import Ledger
 
 log = structlog.get_logger(__name__)
 
-_WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 CHUNK = 1000
 
 
@@ -35,13 +38,14 @@ def reconcile(
         "waiting": 0,
         "resubmitted": 0,
     }
+    queued = set(Queue(EMBED_QUEUE, connection=connection).get_job_ids())
     chunk: list[Path] = []
     for path in spool.walk():
         chunk.append(path)
         if len(chunk) >= CHUNK:
-            _reconcile_chunk(chunk, ledger, connection, submit, counts)
+            _reconcile_chunk(chunk, ledger, connection, submit, counts, queued)
             chunk = []
-    _reconcile_chunk(chunk, ledger, connection, submit, counts)
+    _reconcile_chunk(chunk, ledger, connection, submit, counts, queued)
     log.info("reconcile.done", **counts)
     return counts
 
@@ -52,6 +56,7 @@ def _reconcile_chunk(
     connection: redis.Redis,
     submit: Callable[[Path], None],
     counts: dict[str, int],
+    queued: set[str],
 ) -> None:
     if not paths:
         return
@@ -66,8 +71,13 @@ def _reconcile_chunk(
             counts["final"] += 1
             continue
         job = jobs.get(jid) if jid else None
-        if job is not None and job.get_status(refresh=False) in _WAITING:
+        if job is not None and _waiting(job, queued):
             counts["waiting"] += 1
             continue
         submit(path)
         counts["resubmitted"] += 1
+
+
+def _waiting(job: Job, queued: set[str]) -> bool:
+    status = job.get_status(refresh=False)
+    return status == JobStatus.SCHEDULED or (status == JobStatus.QUEUED and job.id in queued)

@@ -32,7 +32,6 @@ from dicom_listener.dispatcher import Dispatcher, DispatchLimits
 from dicom_listener.handlers import handle_accepted, handle_echo, handle_released, handle_store
 from dicom_listener.reconcile import reconcile
 from dicom_listener.spool import Spool
-from pipeline.convert import ConvertOptions
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, enqueue_batch
 from pipeline.ledger import Ledger
 from pipeline.settings import Settings
@@ -100,12 +99,7 @@ class Listener:
             ledger=self.ledger,
             enqueue=self._enqueue,
             queue_depth=lambda: self.queue.count,
-            options=ConvertOptions(
-                size=settings.convert.size,
-                frame_policy=settings.convert.frame_policy,
-                frame_param=settings.convert.frame_param,
-                window_index=settings.convert.window_index,
-            ),
+            options=settings.convert.options(),
             limits=DispatchLimits(
                 batch_size=qs.batch_size,
                 batch_max_bytes=qs.batch_max_bytes,

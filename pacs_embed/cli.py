@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from pacs_embed import verdict_commands
 from pacs_embed.processes import PARENT_PID_ENV
 from pipeline import logs
 from pipeline.errors import ConfigError, ConversionError
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     emb_sub = embeddings.add_subparsers(dest="action", required=True)
     export = emb_sub.add_parser("export", help="everything stored, as .npz")
     export.add_argument("--out", type=Path, required=True)
+    verdict_commands.add_parsers(sub)  # reference import|export|list, search
     return parser
 
 
@@ -104,6 +106,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, config_args: list[st
         count = EmbeddingStore(connection, Ledger(connection)).export(args.out)
         print(f"exported {count} embeddings to {args.out}")
         return 0
+    if command in ("reference", "search"):
+        return verdict_commands.dispatch(args, settings, services.connect(settings))
     raise AssertionError(command)
 
 
@@ -128,16 +132,35 @@ def _listen(settings: Settings, connection: Any) -> int:
 
 
 def _emulator(settings: Settings) -> int:
+    from emulator.faults import FaultPlan
     from emulator.server import EmulatorConfig, EmulatorServer
 
     emu = settings.emulator
+    try:
+        faults = FaultPlan(
+            latency_ms=emu.latency_ms,
+            latency_per_image_ms=emu.latency_per_image_ms,
+            capacity=emu.capacity,
+            rate_429=emu.rate_429,
+            rate_503=emu.rate_503,
+            rate_500=emu.rate_500,
+            rate_408=emu.rate_408,
+            rate_hang=emu.rate_hang,
+            rate_malformed=emu.rate_malformed,
+            retry_after_seconds=emu.retry_after_seconds,
+            cold_start_seconds=emu.cold_start_seconds,
+            hang_seconds=emu.hang_seconds,
+            seed=emu.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"emulator: {exc}") from exc
     server = EmulatorServer(
         EmulatorConfig(
             host=emu.host,
             port=emu.port,
             key=settings.emulator_key(),
             response_shape=emu.response_shape,
-            latency_ms=emu.latency_ms,
+            faults=faults,
         )
     )
     _interrupt_on_sigterm()
@@ -145,6 +168,8 @@ def _emulator(settings: Settings) -> int:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:
+        server.shutdown()
     return 0
 
 
@@ -158,15 +183,15 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _convert(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.convert import ConvertOptions, convert_file
+    from pipeline.convert import convert_file
+    from pipeline.errors import SkippedError
 
-    options = ConvertOptions(
-        size=0 if args.native_size else settings.convert.size,
-        frame_policy=settings.convert.frame_policy,
-        frame_param=settings.convert.frame_param,
-        window_index=settings.convert.window_index,
-    )
-    image = convert_file(args.input, options)
+    # The daemon's own options and code path; only the final resize can be left out.
+    try:
+        image = convert_file(args.input, settings.convert.options(native_size=args.native_size))
+    except SkippedError as exc:
+        print(f"pacs-embed: skipped, nothing written: {exc}", file=sys.stderr)
+        return 3
     if len(image.pngs) == 1 and args.output.suffix.lower() == ".png":
         args.output.write_bytes(image.pngs[0])
         print(args.output)

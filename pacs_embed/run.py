@@ -21,6 +21,7 @@ from dicom_listener.server import Listener
 from pacs_embed.processes import PrivateRedis, spawn_self, stop
 from pacs_embed.secrets import ensure_secret_file
 from pacs_embed.services import admin_server
+from pipeline.embed.limiter import KEY_PREFIX as LIMITER_KEY_PREFIX
 from pipeline.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,7 @@ def run(settings: Settings, config_args: list[str]) -> int:
         if settings.redis.url is None:
             private_redis = PrivateRedis(settings.state_dir / "redis")
             env["PACS_EMBED_REDIS__URL"] = private_redis.start()
+            _drop_stale_leases(env["PACS_EMBED_REDIS__URL"])
         if settings.endpoint.url is None:
             key_file = settings.emulator.key_file or settings.secrets_dir / "endpoint.key"
             if settings.emulator_key() is None:
@@ -117,6 +119,16 @@ def _supervise(
                 log.error("child.exited", pid=child.pid, returncode=child.returncode)
                 return 1
     return 0
+
+
+def _drop_stale_leases(url: str) -> None:
+    """Endpoint leases left in our private Redis by a killed `run`: every holder is dead (only
+    this daemon uses that Redis), so they would only block the slots until they expire."""
+    connection = redis.Redis.from_url(url)
+    stale = list(connection.scan_iter(match=f"{LIMITER_KEY_PREFIX}*"))
+    if stale:
+        connection.delete(*stale)
+        log.info("run.stale_leases_dropped", keys=len(stale))
 
 
 def _with_started(settings: Settings, env: dict[str, str]) -> Settings:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import redis
 
+from pacs_embed import verdict_commands
 from pacs_embed.secrets import ensure_secret_file
+from pipeline import metrics
 from pipeline.admin import status
-from pipeline.admin.server import AdminServer
+from pipeline.admin.server import AdminServer, Text
+from pipeline.embed.limiter import RedisLimiter, limiter_key
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
 
@@ -40,9 +43,25 @@ def admin_server(settings: Settings, connection: redis.Redis) -> AdminServer:
         checks = status.ready(connection, spool)
         return (200 if all(checks.values()) else 503), dict(checks)
 
+    fleet = metrics_collector(settings, connection)
+
+    def metrics_route() -> tuple[int, Text]:
+        return 200, Text(metrics.render(fleet), metrics.CONTENT_TYPE)
+
     return AdminServer(
         settings.admin.host,
         settings.admin.port,
         admin_token(settings),
-        {"/status": status_route, "/readyz": ready_route},
+        {"/status": status_route, "/readyz": ready_route, "/metrics": metrics_route},
+        verdict_commands.admin_routes(settings, connection),  # /search, /verdicts
     )
+
+
+def metrics_collector(settings: Settings, connection: redis.Redis) -> metrics.FleetCollector:
+    """The workers' fleet-wide endpoint metrics, plus the in-flight leases they hold now."""
+    ep = settings.endpoint
+    limit = ep.in_flight_limit
+    if not (ep.url and limit):
+        return metrics.FleetCollector(connection)
+    limiter = RedisLimiter(connection, limiter_key(ep.url, ep.deployment), limit)
+    return metrics.FleetCollector(connection, in_flight=limiter.in_flight, in_flight_limit=limit)

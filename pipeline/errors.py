@@ -7,10 +7,13 @@ embed job, the CLI) maps it in one place: to a DICOM status, to "retry" or to "q
     ├── ConfigError                  settings that cannot work; raised at start-up only
     ├── SpoolError                   the spool cannot take an instance (disk full, unwritable)
     ├── ConversionError              this object cannot become a PNG; permanent -> quarantine
-    │   └── NoPixelDataError         SR, KOS, presentation state...: nothing to embed
+    ├── SkippedError                 deliberately not embedded; final state "skipped" + reason
+    │   ├── NoPixelDataError         SR, KOS, presentation state...: nothing to embed
+    │   └── NotSampledError          left out by the modality's series sampling policy
     └── EndpointError                the MedImageInsight endpoint did not give us embeddings
-        ├── TransientEndpointError   408/429/5xx, timeouts, refused connections: retry later
-        └── PermanentEndpointError   4xx, model errors (424), malformed answers: quarantine
+        ├── TransientEndpointError   408/429/5xx, timeouts, refused connections, a 2xx body
+        │                            cut short, no in-flight slot before the deadline: retry later
+        └── PermanentEndpointError   other 4xx, model errors (424), answers off-contract: quarantine
             └── ResponseFormatError  the answer does not fit the contract (shape, count, NaN)
 """
 
@@ -36,8 +39,20 @@ class ConversionError(PacsEmbedError):
     """
 
 
-class NoPixelDataError(ConversionError):
+class SkippedError(PacsEmbedError):
+    """The object is fine but is not to be embedded: a final state, not a failure.
+
+    Not a ConversionError on purpose: nothing is wrong with the object, so it is never
+    quarantined and never counted as a failure; the message is the reason shown in ``/status``.
+    """
+
+
+class NoPixelDataError(SkippedError):
     """The object has no pixel data (SR, KOS, presentation state, ...), so nothing to embed."""
+
+
+class NotSampledError(SkippedError):
+    """The series sampling policy of the object's modality leaves this instance out."""
 
 
 class EndpointError(PacsEmbedError):
@@ -55,7 +70,8 @@ class EndpointError(PacsEmbedError):
 
 
 class TransientEndpointError(EndpointError):
-    """Worth retrying: throttling, overload, cold start, timeouts, dropped connections."""
+    """Worth retrying: throttling, overload, cold start, timeouts, dropped connections, a body
+    cut short, or no fleet-wide in-flight slot (or Redis for it) before the deadline."""
 
 
 class PermanentEndpointError(EndpointError):

@@ -82,17 +82,28 @@ def split(items: Sequence[ImageItem], max_count: int, max_bytes: int) -> list[li
 RETRY_INTERVALS = [10, 30, 90, 300, 900]
 
 
-def enqueue_batch(queue: Queue, batch: EmbedBatch, *, timeout: int, retries: int) -> str:
-    """Put one batch on the embed queue under an id derived from its UIDs; return the id."""
+def enqueue_batch(
+    queue: Queue,
+    batch: EmbedBatch,
+    *,
+    timeout: int,
+    retries: int,
+    retry_intervals: Sequence[int] = RETRY_INTERVALS,
+) -> str:
+    """Put one batch on the embed queue under an id derived from its UIDs; return the id.
+
+    ``retry_intervals`` (seconds) are rq's waits between job retries; tests pass ``[0]``.
+    """
     jid = job_id(JOB_PREFIX, batch.series_instance_uid, batch.sop_uids)
     queue.enqueue_call(
         EMBED_FUNC,
         args=(batch.to_payload(),),
         job_id=jid,
         timeout=timeout,
-        result_ttl=24 * 3600,
-        failure_ttl=30 * 24 * 3600,
-        retry=Retry(max=retries, interval=RETRY_INTERVALS) if retries else None,
+        # The ledger is the record: a finished job (and its PNG payload) leaves Redis at once.
+        result_ttl=0,
+        failure_ttl=7 * 24 * 3600,
+        retry=Retry(max=retries, interval=list(retry_intervals)) if retries else None,
         # rq logs the description: UIDs and counts only, never the payload.
         description=f"embed {len(batch.items)} images of series {batch.series_instance_uid}",
     )

@@ -90,7 +90,7 @@ def test_series_in_embeddings_out(daemon: Daemon, tmp_path: Path) -> None:
     assert sum(1 for line in daemon.log_lines() if line.get("event") == "store.duplicate") == N
 
     assert daemon.stop() == 0
-    assert daemon.family_alive(timeout=0) == [], "Ctrl-C must stop every process `run` started"
+    assert daemon.family_alive() == [], "Ctrl-C must stop every process `run` started"
     log_text = daemon.log_path.read_text()
     for value in PHI:
         assert value not in log_text, f"PHI {value!r} in the daemon's log"

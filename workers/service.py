@@ -1,7 +1,12 @@
-"""What an embed job does: batch -> endpoint -> vectors -> store. No rq in here.
+"""What an embed job does: batch -> endpoint -> vectors -> verdicts -> store. No rq in here.
 
 Idempotent by SOP Instance UID: images the store already has are dropped before the endpoint is
 called, so a batch redone after a crash costs nothing twice and stores nothing twice.
+
+Verdicts (pipeline/detect) are computed before the store's transaction and written in it, so an
+embedded image always has its verdict; the references learn from the batch after the commit. A
+bug or outage in detection never costs an embedding: the batch is then stored without verdicts
+and the failure logged (``detect.failed``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import Protocol
 import numpy as np
 import structlog
 
+from pipeline.detect.detector import Detector
+from pipeline.detect.verdict import InstanceVerdict
 from pipeline.errors import PermanentEndpointError
 from pipeline.jobs import EmbedBatch, ImageItem
 from pipeline.ledger import Ledger
@@ -35,10 +42,17 @@ class Outcome:
 
 
 class EmbedService:
-    def __init__(self, client: ImageEmbedder, store: EmbeddingStore, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        client: ImageEmbedder,
+        store: EmbeddingStore,
+        ledger: Ledger,
+        detector: Detector | None = None,
+    ) -> None:
         self.client = client
         self.store = store
         self.ledger = ledger
+        self.detector = detector
 
     def run(self, batch: EmbedBatch) -> Outcome:
         """Embed what is not embedded yet. Transient endpoint errors propagate (rq retries)."""
@@ -70,9 +84,39 @@ class EmbedService:
                     vector=vector,
                 )
                 for item, vector in zip(items, vectors, strict=True)
-            ]
+            ],
+            self._assess(items, vectors),
         )
+        self._learn(items, vectors)
         return len(items)
+
+    def _assess(self, items: list[ImageItem], vectors: np.ndarray) -> list[InstanceVerdict] | None:
+        if self.detector is None:
+            return None
+        try:
+            verdicts = self.detector.assess(items, vectors)
+        except Exception as exc:  # never lose an embedding to a detection bug or outage
+            log.exception("detect.failed", step="assess", error=type(exc).__name__)
+            return None
+        flagged = [v.sop_instance_uid for v in verdicts if v.outlier or v.label_mismatch]
+        if flagged:
+            log.info("detect.flagged", images=len(flagged), sop_instance_uids=flagged)
+        return verdicts
+
+    def _learn(self, items: list[ImageItem], vectors: np.ndarray) -> None:
+        """Grow the references after the commit; revise verdicts a reference trim changed."""
+        if self.detector is None:
+            return
+        try:
+            revisions = self.detector.learn(items, vectors)
+            if revisions:
+                stored = self.store.verdicts([r.sop_instance_uid for r in revisions])
+                self.store.put_verdicts(
+                    [r.apply(v) for r, v in zip(revisions, stored, strict=True) if v is not None]
+                )
+                log.info("detect.reference_trimmed", images=len(revisions))
+        except Exception as exc:
+            log.exception("detect.failed", step="learn", error=type(exc).__name__)
 
     def _one_by_one(self, items: list[ImageItem]) -> tuple[int, int]:
         saved = failed = 0

@@ -1,11 +1,14 @@
-"""`pacs-embed admin`: /healthz (no auth), /readyz and /status (bearer token)."""
+"""`pacs-embed admin`: /healthz (no auth), /readyz, /status and /metrics (bearer token)."""
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import threading
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -13,14 +16,33 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-Route = Callable[[], tuple[int, dict[str, Any]]]
+
+@dataclass(frozen=True)
+class Text:
+    """A route's answer that is not JSON, e.g. the Prometheus exposition of /metrics."""
+
+    body: bytes
+    content_type: str
+
+
+Route = Callable[[], tuple[int, dict[str, Any] | Text]]
+#: A route that reads the query string, e.g. /search?sop=...; values are the last of each name.
+QueryRoute = Callable[[dict[str, str]], tuple[int, dict[str, Any]]]
 
 
 class AdminServer:
     """A small threaded HTTP server; routes are plain callables returning (status, body)."""
 
-    def __init__(self, host: str, port: int, token: str, routes: dict[str, Route]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        routes: dict[str, Route],
+        query_routes: dict[str, QueryRoute] | None = None,
+    ) -> None:
         self.token = token
+        self.query_routes = dict(query_routes or {})
         self.routes = {"/healthz": lambda: (200, {"status": "ok"}), **routes}
         self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
         self.httpd.daemon_threads = True
@@ -42,8 +64,11 @@ class AdminServer:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
+                path, _, query = self.path.partition("?")
                 route = server.routes.get(path)
+                if route is None and path in server.query_routes:
+                    params = dict(urllib.parse.parse_qsl(query))
+                    route = functools.partial(server.query_routes[path], params)
                 if route is None:
                     self._send(404, {"error": "not found"})
                 elif path != "/healthz" and not server._authorised(
@@ -57,10 +82,13 @@ class AdminServer:
                         log.exception("admin.error", path=path)
                         self._send(503, {"error": type(exc).__name__})
 
-            def _send(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body, default=str).encode()
+            def _send(self, status: int, body: dict[str, Any] | Text) -> None:
+                if isinstance(body, Text):
+                    data, content_type = body.body, body.content_type
+                else:
+                    data, content_type = json.dumps(body, default=str).encode(), "application/json"
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
