@@ -7,21 +7,6 @@ from typing import Any
 
 import redis
 import structlog
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -32,28 +17,16 @@ from dicom_listener.dispatcher import Dispatcher, DispatchLimits
 from dicom_listener.handlers import handle_accepted, handle_echo, handle_released, handle_store
 from dicom_listener.reconcile import reconcile
 from dicom_listener.spool import Spool
+from pipeline.convert import DECODABLE_TRANSFER_SYNTAXES
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, enqueue_batch
 from pipeline.ledger import Ledger
 from pipeline.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-#: What we accept: uncompressed, deflated and every compressed syntax pydicom + pylibjpeg decode.
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-]
+#: What we accept: every syntax the conversion decodes (uncompressed, deflated, big endian, JPEG,
+#: JPEG-LS, JPEG 2000, RLE), so nothing is accepted that would only be quarantined later.
+TRANSFER_SYNTAXES = list(DECODABLE_TRANSFER_SYNTAXES)
 
 
 class Gate:

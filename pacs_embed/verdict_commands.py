@@ -49,24 +49,15 @@ def dispatch(args: argparse.Namespace, settings: Settings, connection: redis.Red
 
 
 def _references(settings: Settings, connection: redis.Redis) -> Any:
-    from pipeline.detect.reference import ReferenceStore
-    from pipeline.embed.contract import EMBEDDING_DIM
+    from pipeline.detect.detector import reference_store
 
-    d = settings.detect
-    return ReferenceStore(
-        connection,
-        k=d.k,
-        min_reference=d.min_reference,
-        max_reference=d.max_reference,
-        trim_mads=d.trim_mads,
-        dim=EMBEDDING_DIM,
-    )
+    return reference_store(settings.detect, connection)
 
 
 def _rule(settings: Settings) -> Any:
-    from pipeline.detect.cohort import CohortRule
+    from pipeline.detect.detector import cohort_rule
 
-    return CohortRule(tuple(settings.detect.cohort_fields), settings.detect.body_part_aliases)
+    return cohort_rule(settings.detect)
 
 
 def _reference(args: argparse.Namespace, settings: Settings, connection: redis.Redis) -> int:

@@ -37,7 +37,10 @@ from pipeline.convert.options import (
 )
 from pipeline.errors import ConversionError, NotSampledError, PacsEmbedError
 
+DECODABLE_TRANSFER_SYNTAXES = decode.DECODABLE_TRANSFER_SYNTAXES
+
 __all__ = [
+    "DECODABLE_TRANSFER_SYNTAXES",
     "ConvertOptions",
     "ConvertedImage",
     "ModalityRule",

@@ -44,6 +44,7 @@ from pydicom.uid import (
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -95,6 +96,13 @@ NATIVE_LITTLE_ENDIAN = (
     ImplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
+)
+
+#: Every transfer syntax we decode: what the listener accepts in association negotiation.
+DECODABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    *NATIVE_LITTLE_ENDIAN,
+    ExplicitVRBigEndian,
+    *PREFERRED_PLUGINS,
 )
 
 #: The Deflated syntax as it appears in a File Meta, and how far to look for it: (0002,0010)

@@ -80,7 +80,7 @@ class Detector:
         self.settings = settings
         self.references = references
         self.prompts = prompts
-        self.rule = CohortRule(tuple(settings.cohort_fields), dict(settings.body_part_aliases))
+        self.rule = cohort_rule(settings)
 
     def cohort_of(self, image: Image) -> str:
         return self.rule.key(image.modality, image.body_part, getattr(image, "view", ""))
@@ -163,14 +163,9 @@ class Detector:
         return revisions
 
 
-def build_detector(
-    settings: Settings, connection: redis.Redis, client: TextEmbedder | None
-) -> Detector | None:
-    """The detector the settings describe; None when ``detect.enabled`` is false."""
-    d = settings.detect
-    if not d.enabled:
-        return None
-    references = ReferenceStore(
+def reference_store(d: DetectSettings, connection: redis.Redis) -> ReferenceStore:
+    """The cohorts' reference sets, as the settings size and score them."""
+    return ReferenceStore(
         connection,
         k=d.k,
         min_reference=d.min_reference,
@@ -178,6 +173,21 @@ def build_detector(
         trim_mads=d.trim_mads,
         dim=EMBEDDING_DIM,
     )
+
+
+def cohort_rule(d: DetectSettings) -> CohortRule:
+    """How a header becomes a cohort key, as the settings say."""
+    return CohortRule(tuple(d.cohort_fields), dict(d.body_part_aliases))
+
+
+def build_detector(
+    settings: Settings, connection: redis.Redis, client: TextEmbedder | None
+) -> Detector | None:
+    """The detector the settings describe; None when ``detect.enabled`` is false."""
+    d = settings.detect
+    if not d.enabled:
+        return None
+    references = reference_store(d, connection)
     prompts = None
     url = settings.endpoint.url
     emulator = f"http://{settings.emulator.host}:{settings.emulator.port}/score"
