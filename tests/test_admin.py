@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import redis
 from pipeline.admin import status
 from pipeline.admin.server import AdminServer
 from pipeline.ledger import Ledger
+from tests.admin_http import get
 
 
 @pytest.fixture
@@ -26,18 +24,6 @@ def server(redis_conn: redis.Redis, tmp_path: Path) -> Iterator[AdminServer]:
     admin.start_in_thread()
     yield admin
     admin.shutdown()
-
-
-def get(admin: AdminServer, path: str, token: str | None = None) -> tuple[int, dict[str, object]]:
-    host, port = admin.address
-    request = urllib.request.Request(f"http://{host}:{port}{path}")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
 
 
 def test_healthz_needs_no_token(server: AdminServer) -> None:

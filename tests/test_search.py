@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from pipeline.detect.verdict import SCORED, InstanceVerdict
 from pipeline.ledger import Ledger
 from pipeline.settings import Settings
 from pipeline.store import Embedded, EmbeddingStore
+from tests.admin_http import get as admin_get
 
 
 def unit(*values: float) -> np.ndarray:
@@ -104,18 +104,8 @@ def admin(store: EmbeddingStore, redis_conn: redis.Redis) -> Iterator[AdminServe
     server.shutdown()
 
 
-def get(
-    server: AdminServer, path: str, bearer: str | None = BEARER
-) -> tuple[int, dict[str, object]]:
-    host, port = server.address
-    request = urllib.request.Request(f"http://{host}:{port}{path}")
-    if bearer:
-        request.add_header("Authorization", f"Bearer {bearer}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+def get(server: AdminServer, path: str, bearer: str | None = BEARER) -> tuple[int, Any]:
+    return admin_get(server, path, bearer)
 
 
 def test_admin_search_route(admin: AdminServer) -> None:
