@@ -14,7 +14,7 @@ run: os-run $(STAMP)
 test: os-test $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# Unit tests only: no sockets, no subprocesses.
+# Everything but the end-to-end tests (a Redis server is still needed: `make test` installs it).
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
