@@ -140,7 +140,13 @@ class Dispatcher:
         done, _ = cf.wait(list(self._futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
         for future in done:
             path = self._futures.pop(future)
-            self._settle(path, future)
+            try:
+                self._settle(path, future)
+            except Exception:
+                # Redis unreachable mid-way: convert this one again later rather than hold a
+                # result whose ledger entry may be missing. The loop backs off on the raise.
+                self.inbox.put(path)
+                raise
 
     def _settle(self, path: Path, future: cf.Future[ConvertedImage]) -> None:
         sop_uid = path.name.removesuffix(SUFFIX)
