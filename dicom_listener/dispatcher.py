@@ -27,7 +27,7 @@ import structlog
 from dicom_listener.spool import SUFFIX, Spool
 from pipeline.convert import ConvertedImage, ConvertOptions, convert_file
 from pipeline.errors import ConversionError, SkippedError
-from pipeline.jobs import EmbedBatch, ImageItem, split
+from pipeline.jobs import EmbedBatch, ImageItem, items_of, split
 from pipeline.ledger import Ledger
 from pipeline.lifetime import pool_process_init
 
@@ -113,7 +113,7 @@ class Dispatcher:
             try:
                 self._fill()
                 self._collect(timeout=0.1)
-                self._flush(force=False)
+                self._flush()
                 if not self.backlog():
                     self._idle.set()
             except Exception:  # Redis down, a bug: log, back off, keep going; the spool holds all
@@ -173,36 +173,23 @@ class Dispatcher:
         )
         series = self._pending.setdefault(image.series_instance_uid, _Series())
         series.last_seen = time.monotonic()
-        for frame, png in zip(image.frames, image.pngs, strict=True):
-            series.items.append(
-                ImageItem(
-                    sop_instance_uid=image.sop_instance_uid,
-                    series_instance_uid=image.series_instance_uid,
-                    study_instance_uid=image.study_instance_uid,
-                    modality=image.modality,
-                    body_part=image.body_part,
-                    frame=frame,
-                    png=png,
-                )
-            )
+        series.items.extend(items_of(image))
 
     def _quarantine(self, sop_uid: str, path: Path, reason: str) -> None:
         self.spool.quarantine(sop_uid, path, reason)
         self.ledger.failed(sop_uid, "convert", reason)
         log.warning("convert.quarantined", sop_instance_uid=sop_uid, reason=reason)
 
-    def _flush(self, *, force: bool) -> None:
+    def _flush(self) -> None:
         now = time.monotonic()
         for uid in list(self._pending):
             series = self._pending[uid]
-            quiet = now - series.last_seen >= self.limits.linger_seconds
             batches = split(series.items, self.limits.batch_size, self.limits.batch_max_bytes)
-            # Keep a partial last batch back while the series is still arriving.
-            ready = batches if (force or quiet) else batches[:-1]
-            if len(batches) and not (force or quiet) and self._full(batches[-1]):
-                ready = batches
-            for batch_items in ready:
-                batch = EmbedBatch(uid, tuple(batch_items))
+            arriving = now - series.last_seen < self.limits.linger_seconds
+            if arriving and batches and len(batches[-1]) < self.limits.batch_size:
+                batches = batches[:-1]  # the series may still fill its last batch
+            for items in batches:
+                batch = EmbedBatch(uid, tuple(items))
                 job_id = self.enqueue(batch)
                 self.ledger.queued(batch.sop_uids, job_id)
                 log.info(
@@ -212,10 +199,6 @@ class Dispatcher:
                     images=len(batch.items),
                     png_bytes=batch.png_bytes,
                 )
-            sent = sum(len(b) for b in ready)
-            series.items = series.items[sent:]
+            series.items = series.items[sum(len(items) for items in batches) :]
             if not series.items:
                 del self._pending[uid]
-
-    def _full(self, items: list[ImageItem]) -> bool:
-        return len(items) >= self.limits.batch_size

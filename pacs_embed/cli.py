@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -137,21 +138,9 @@ def _emulator(settings: Settings) -> int:
 
     emu = settings.emulator
     try:
-        faults = FaultPlan(
-            latency_ms=emu.latency_ms,
-            latency_per_image_ms=emu.latency_per_image_ms,
-            capacity=emu.capacity,
-            rate_429=emu.rate_429,
-            rate_503=emu.rate_503,
-            rate_500=emu.rate_500,
-            rate_408=emu.rate_408,
-            rate_hang=emu.rate_hang,
-            rate_malformed=emu.rate_malformed,
-            retry_after_seconds=emu.retry_after_seconds,
-            cold_start_seconds=emu.cold_start_seconds,
-            hang_seconds=emu.hang_seconds,
-            seed=emu.seed,
-        )
+        # EmulatorSettings names every FaultPlan field the same: pass them all through.
+        names = {field.name for field in dataclasses.fields(FaultPlan)}
+        faults = FaultPlan(**emu.model_dump(include=names))
     except ValueError as exc:
         raise ConfigError(f"emulator: {exc}") from exc
     server = EmulatorServer(

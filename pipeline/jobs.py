@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rq import Queue, Retry
 
 from pipeline.uids import job_id
+
+if TYPE_CHECKING:  # workers need not import the conversion stack to read a payload
+    from pipeline.convert.options import ConvertedImage
 
 EMBED_QUEUE = "embed"
 #: The job function, by import path: the listener enqueues it without importing worker code.
@@ -29,6 +32,22 @@ class ImageItem:
     body_part: str
     frame: int
     png: bytes
+
+
+def items_of(image: ConvertedImage) -> list[ImageItem]:
+    """One queue item per embedded frame of a converted instance."""
+    return [
+        ImageItem(
+            sop_instance_uid=image.sop_instance_uid,
+            series_instance_uid=image.series_instance_uid,
+            study_instance_uid=image.study_instance_uid,
+            modality=image.modality,
+            body_part=image.body_part,
+            frame=frame,
+            png=png,
+        )
+        for frame, png in zip(image.frames, image.pngs, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
