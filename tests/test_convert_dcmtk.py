@@ -40,7 +40,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
-from pipeline.convert import ConvertOptions, ModalityRule, header, pixels, render_frame
+from pipeline.convert import ConvertOptions, ModalityRule, decode, header, pixels, render_frame
 from tests import factory
 
 pytestmark = [
@@ -84,7 +84,7 @@ def dcmj2pnm(path: Path, out: Path, *args: str, tool: str = "dcmj2pnm") -> npt.N
 def stretch_args(ds: Dataset, frame: int, options: ConvertOptions) -> tuple[str, ...]:
     """Our percentile window for ``frame`` as dcmj2pnm ``+Ww c w`` arguments."""
     stored = ds.pixel_array
-    stored = stored[frame] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else stored
+    stored = stored[frame] if decode.frame_count(ds) > 1 else stored
     values = pixels.apply_modality(stored, header.modality_of(ds, frame))
     window = pixels.stretch_window(values.ravel(), None, options.percentiles)
     return ("+Ww", repr(window.center), repr(window.width))

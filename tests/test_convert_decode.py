@@ -10,7 +10,6 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     JPEGExtended12Bit,
@@ -27,10 +26,6 @@ NATIVE = ConvertOptions(size=0)
 
 def _render(name: str, frame: int = 0) -> np.ndarray:
     return render_frame(pydicom.dcmread(get_testdata_file(name)), frame, NATIVE)
-
-
-def _ct() -> Dataset:
-    return factory.ct_slice(study_uid="1.2.3", series_uid="1.2.4", instance_number=1)
 
 
 @pytest.mark.parametrize(
@@ -98,6 +93,8 @@ def test_junk_high_bits_are_masked(signed: bool) -> None:
 def test_raw_native_path_equals_pydicom_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """The zero-copy path for native grey data renders exactly what pydicom's decoder gives."""
     ds = pydicom.dcmread(get_testdata_file("693_UNCR.dcm"))
+    decoder = decode.check(ds, 10**9, 10**9, 1)
+    assert decoder is not None and decode._raw_native(ds, decoder, 0) is not None  # path taken
     fast = render_frame(ds, 0, NATIVE)
     monkeypatch.setattr(decode, "_raw_native", lambda *_args: None)
     assert np.array_equal(render_frame(ds, 0, NATIVE), fast)
@@ -201,6 +198,8 @@ def test_png_round_trips_losslessly(shape: tuple[int, ...]) -> None:
 def test_rle_syntax_prefers_pylibjpeg() -> None:
     """RLE decodes with pylibjpeg-rle (9x faster than pydicom's decoder on a large CR)."""
     assert decode.PREFERRED_PLUGINS[RLELossless] == "pylibjpeg"
+    decoder = decode.check(pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm")), 10**9, 10**9, 1)
+    assert decoder is not None and "pylibjpeg" in decoder.available_plugins
 
 
 def test_real_deflated_file_converts() -> None:

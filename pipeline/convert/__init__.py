@@ -156,7 +156,7 @@ def convert_file(
     if not sop_instance_uid:
         raise ConversionError("no SOP Instance UID")
     resolved = _resolve(ds, options)
-    if any(k in ds for k in decode.PIXEL_KEYWORDS):
+    if decode.has_pixel_data(ds):
         reason = series_skip_reason(
             _optional_int(ds, "InstanceNumber"),
             _optional_int(ds, "ImagesInAcquisition"),

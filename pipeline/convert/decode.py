@@ -151,6 +151,11 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
         raise ConversionError(f"{keyword} is not an integer: {value!r}") from exc
 
 
+def has_pixel_data(ds: Dataset) -> bool:
+    """True when ``ds`` carries one of the :data:`PIXEL_KEYWORDS` (an image to convert)."""
+    return any(k in ds for k in PIXEL_KEYWORDS)
+
+
 def frame_count(ds: Dataset) -> int:
     """Number of Frames (1 when absent or empty)."""
     return max(_int(ds, "NumberOfFrames", 1), 1)
@@ -179,7 +184,7 @@ def check(ds: Dataset, max_pixels: int, max_decoded_bytes: int, frames: int) -> 
     ``frames`` is how many frames will be decoded: with ``max_decoded_bytes`` it bounds the
     work, while ``max_pixels`` bounds the object as a whole.
     """
-    if not any(k in ds for k in PIXEL_KEYWORDS):
+    if not has_pixel_data(ds):
         modality = str(ds.get("Modality", "") or "?")
         raise NoPixelDataError(
             f"no Pixel Data (Modality {modality}, SOP Class {ds.get('SOPClassUID', '?')})"

@@ -40,11 +40,15 @@ def _first(sources: Iterable[Dataset], keyword: str) -> Any:
     return None
 
 
-def _floats(value: Any) -> list[float]:
+def _values(value: Any) -> list[Any]:
+    """A single- or multi-valued element's value as a list (empty when absent)."""
     if value is None:
         return []
-    values = value if isinstance(value, MultiValue | list | tuple) else [value]
-    return [float(v) for v in values if v is not None and v != ""]
+    return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+
+
+def _floats(value: Any) -> list[float]:
+    return [float(v) for v in _values(value) if v is not None and v != ""]
 
 
 def _lut(item: Dataset, signed: bool) -> Lut | None:
@@ -92,10 +96,7 @@ def modality_of(ds: Dataset, frame: int = 0) -> Modality:
 
 
 def _strings(value: Any) -> list[str]:
-    if value is None:
-        return []
-    values = value if isinstance(value, MultiValue | list | tuple) else [value]
-    return [str(v or "").strip().upper() for v in values]
+    return [str(v or "").strip().upper() for v in _values(value)]
 
 
 def pick_window(n_pairs: int, explanations: list[str], index: int, explanation: str | None) -> int:

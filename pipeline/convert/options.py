@@ -45,9 +45,17 @@ def _check_policy(name: str, policy: str | None, param: int | None) -> None:
         raise ConfigError(f"convert {name}_param must be >= 1, got {param}")
 
 
-def _check_window(name: str, window: tuple[float, float] | None) -> None:
+def _check_overridable(options: ModalityRule | ConvertOptions) -> None:
+    """The checks of the fields a :class:`ModalityRule` can override (None: not overridden)."""
+    _check_policy("frame", options.frame_policy, options.frame_param)
+    _check_policy("series", options.series_policy, options.series_param)
+    window = options.preset_window
     if window is not None and not window[1] >= 1.0:
-        raise ConfigError(f"convert {name} width must be >= 1 (PS3.3 C.11.2.1.2), got {window}")
+        raise ConfigError(
+            f"convert preset_window width must be >= 1 (PS3.3 C.11.2.1.2), got {window}"
+        )
+    if options.window_index is not None and options.window_index < 0:
+        raise ConfigError(f"convert window_index must be >= 0, got {options.window_index}")
 
 
 @dataclass(frozen=True)
@@ -68,11 +76,7 @@ class ModalityRule:
     series_param: int | None = None
 
     def __post_init__(self) -> None:
-        _check_policy("frame", self.frame_policy, self.frame_param)
-        _check_policy("series", self.series_policy, self.series_param)
-        _check_window("preset_window", self.preset_window)
-        if self.window_index is not None and self.window_index < 0:
-            raise ConfigError(f"convert window_index must be >= 0, got {self.window_index}")
+        _check_overridable(self)
 
 
 @dataclass(frozen=True)
@@ -100,11 +104,7 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         if self.size is not None and self.size < 0:
             raise ConfigError(f"convert size must be >= 0 (0 = native), got {self.size}")
-        _check_policy("frame", self.frame_policy, self.frame_param)
-        _check_policy("series", self.series_policy, self.series_param)
-        _check_window("preset_window", self.preset_window)
-        if self.window_index < 0:
-            raise ConfigError(f"convert window_index must be >= 0, got {self.window_index}")
+        _check_overridable(self)
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ConfigError(
