@@ -19,7 +19,6 @@ and what the public example notebooks do: one image per request from 5 threads, 
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import os
 import subprocess
@@ -38,6 +37,7 @@ import redis
 from PIL import Image
 from rq import Queue, Worker
 
+from pipeline.embed.contract import Row, build_request
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, ImageItem, enqueue_batch
 from pipeline.ledger import EMBEDDED
 from pipeline.metrics import METRICS_KEY
@@ -177,14 +177,7 @@ def notebook_client(url: str, pngs: list[bytes], threads: int = 5) -> float:
     """One image per request from ``threads`` threads, a new connection each (requests.post)."""
 
     def one(png: bytes) -> None:
-        body = {
-            "input_data": {
-                "columns": ["image", "text"],
-                "index": [0],
-                "data": [[base64.b64encode(png).decode(), ""]],
-            },
-            "params": {"get_scaling_factor": True},
-        }
+        body = build_request([Row(image_png=png)])
         headers = {"Authorization": f"Bearer {KEY}"}
         for _ in range(100):
             response = httpx.post(url, json=body, headers=headers, timeout=120)
@@ -246,7 +239,7 @@ def main() -> None:
         rate = len(notebook) / seconds
         name = "notebook: 1 image/request, 5 threads"
         row(name, 1, len(notebook), seconds, rate, ideal, None, None, stats)
-    print(f"load average at the end: {os.getloadavg()[0]:.2f} (2 shared cores)")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
 
 
 def row(

@@ -96,7 +96,7 @@ class Handler(BaseHTTPRequestHandler):
             self._hang()
             return
         self.server.stats.answered(reply.status, reply.images)
-        self._send(reply.status, reply.body, "application/json", reply.headers)
+        self._send(reply)
 
     def _score(self, body: bytes) -> _Reply | None:
         """The answer to an authorised request, or None to hang."""
@@ -119,13 +119,14 @@ class Handler(BaseHTTPRequestHandler):
                 payload = json.loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
                 return _json_reply(400, {"message": f"body is not JSON: {exc}"})
+            images = _image_rows(payload)
             try:
                 answer = model.score(payload, server.config.response_shape)
-                reply = _json_reply(200, answer, images=_image_rows(payload))
+                reply = _json_reply(200, answer, images=images)
             except model.BadRequest as exc:
                 reply = _json_reply(400, {"message": str(exc)})
             # Like inference time, the latency includes the work just done.
-            server.pause(self._latency(plan, payload) - (time.monotonic() - arrived))
+            server.pause(self._latency(plan, images) - (time.monotonic() - arrived))
             return reply
         finally:
             server.stats.leave()
@@ -155,7 +156,7 @@ class Handler(BaseHTTPRequestHandler):
                 headers["Retry-After"] = f"{planned:g}"
         return _json_reply(status, {"message": message}, headers)
 
-    def _latency(self, plan: FaultPlan, payload: Any) -> float:
+    def _latency(self, plan: FaultPlan, images: int) -> float:
         forced = self.headers.get(LATENCY_HEADER)
         fixed = plan.latency_ms
         if forced is not None:
@@ -163,7 +164,7 @@ class Handler(BaseHTTPRequestHandler):
                 fixed = max(0.0, float(forced))
             except ValueError:
                 pass
-        return (fixed + plan.latency_per_image_ms * _image_rows(payload)) / 1000.0
+        return (fixed + plan.latency_per_image_ms * images) / 1000.0
 
     def _hang(self) -> None:
         """Answer nothing until the client hangs up, ``hang_seconds`` pass, or the server stops."""
@@ -212,23 +213,20 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.close_connection = True
 
-    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj, separators=(",", ":")).encode()
-        self._send(status, body, "application/json", headers)
+    def _send_json(self, status: int, obj: Any) -> None:
+        self._send(_json_reply(status, obj))
 
-    def _send(
-        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+    def _send(self, reply: _Reply) -> None:
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply.body)))
         self.send_header(EMULATOR_HEADER, EMULATOR_HEADER_VALUE)
-        for name, value in (headers or {}).items():
+        for name, value in reply.headers.items():
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(reply.body)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         log.debug("emulator.request", method=self.command, path=self.path[:100], status=code)

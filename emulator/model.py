@@ -136,14 +136,18 @@ def tokens(text: str) -> list[str]:
 def embed_text(text: str) -> Vector:
     """Unit vector of a text's words by signed feature hashing; the same words, the same vector."""
     vector = np.zeros(EMBEDDING_DIM)
-    for token in tokens(text) or ["<empty>"]:
-        digest = hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest()
-        value = int.from_bytes(digest, "little")
+    hashes = [_token_hash(token) for token in tokens(text) or ["<empty>"]]
+    for value in hashes:
         vector[value % EMBEDDING_DIM] += 1.0 if (value >> 32) & 1 else -1.0
     if not vector.any():  # every token cancelled out: fall back to the first token alone
-        first = hashlib.blake2b(tokens(text)[0].encode("utf-8"), digest_size=8).digest()
-        vector[int.from_bytes(first, "little") % EMBEDDING_DIM] = 1.0
+        vector[hashes[0] % EMBEDDING_DIM] = 1.0
     return _unit(vector)
+
+
+def _token_hash(token: str) -> int:
+    """A stable 64-bit hash of one token (Python's ``hash`` changes per process)."""
+    digest = hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 class BadRequest(ValueError):

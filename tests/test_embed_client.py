@@ -23,6 +23,7 @@ from pipeline.errors import (
     ResponseFormatError,
     TransientEndpointError,
 )
+from tests.test_embed_auth import StubCredential, Token
 
 URL = "https://example-endpoint.westeurope.inference.ml.azure.com/score"
 KEY = "s3cr3t-key-value"
@@ -335,24 +336,6 @@ def test_mixed_rows_round_trip(client_factory: Callable[..., EndpointClient]) ->
     assert np.isfinite(result.image[[0, 2]]).all() and np.isnan(result.image[1]).all()
     assert np.isfinite(result.text[[1, 2]]).all() and np.isnan(result.text[0]).all()
     assert result.scaling_factor == 4.51
-
-
-@dataclass
-class Token:
-    token: str
-    expires_on: int
-
-
-@dataclass
-class StubCredential:
-    """Hands out the scripted tokens in order and records the scopes asked for."""
-
-    tokens: list[Token]
-    scopes: list[tuple[str, ...]] = field(default_factory=list)
-
-    def get_token(self, *scopes: str) -> Token:
-        self.scopes.append(scopes)
-        return self.tokens.pop(0)
 
 
 def test_credential_token_is_cached(client_factory: Callable[..., EndpointClient]) -> None:

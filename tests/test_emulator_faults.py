@@ -21,14 +21,14 @@ from tests.test_emulator import KEY, gradient, png
 Start = Callable[..., EmulatorServer]
 
 
-@pytest.fixture
-def start() -> Iterator[Start]:
-    """Starts emulators with a fault plan on ephemeral ports; stops them all afterwards."""
+def emulators(key: str, **defaults: Any) -> Iterator[Start]:
+    """Yields a starter of emulators (port 0, ``key``, a fault plan over ``defaults``); stops
+    every one it started when resumed. The body of the ``start`` fixtures."""
     servers: list[EmulatorServer] = []
 
     def make(**faults: Any) -> EmulatorServer:
-        config = EmulatorConfig(host="127.0.0.1", port=0, key=KEY, faults=FaultPlan(**faults))
-        server = EmulatorServer(config)
+        plan = FaultPlan(**{**defaults, **faults})
+        server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0, key=key, faults=plan))
         server.start_in_thread()
         servers.append(server)
         return server
@@ -36,6 +36,12 @@ def start() -> Iterator[Start]:
     yield make
     for server in servers:
         server.shutdown()
+
+
+@pytest.fixture
+def start() -> Iterator[Start]:
+    """Starts emulators with a fault plan on ephemeral ports; stops them all afterwards."""
+    yield from emulators(KEY)
 
 
 def body(images: int = 1) -> dict[str, Any]:

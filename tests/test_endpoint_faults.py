@@ -22,19 +22,18 @@ import redis
 from PIL import Image
 from rq import Queue, SimpleWorker, Worker
 
-from emulator import EmulatorConfig, EmulatorServer, FaultPlan, model
+from emulator import EmulatorServer, model
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, ImageItem, enqueue_batch
 from pipeline.ledger import Ledger
 from pipeline.settings import Settings
 from pipeline.store import EmbeddingStore
+from tests.test_emulator_faults import Start, emulators
 from workers import runtime
 from workers.main import build_client
 from workers.service import EmbedService
 
 KEY = "fault-test-key"
 BATCH = 4
-
-Start = Callable[..., EmulatorServer]
 
 
 def image_png(n: int) -> bytes:
@@ -116,19 +115,8 @@ def check_outcome(
 
 @pytest.fixture
 def start() -> Iterator[Start]:
-    """Starts emulators (port 0) with a fault plan; stops them all afterwards."""
-    servers: list[EmulatorServer] = []
-
-    def make(**faults: Any) -> EmulatorServer:
-        plan = FaultPlan(seed=11, **faults)
-        server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0, key=KEY, faults=plan))
-        server.start_in_thread()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.shutdown()
+    """Starts emulators (port 0) with a seeded fault plan; stops them all afterwards."""
+    yield from emulators(KEY, seed=11)
 
 
 FAULT_MODES = {

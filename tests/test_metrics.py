@@ -11,6 +11,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from structlog.testing import capture_logs
 
 from emulator import EmulatorConfig, EmulatorServer
 from pacs_embed.services import admin_server, metrics_collector
@@ -99,10 +100,12 @@ def test_a_redis_outage_does_not_fail_the_request() -> None:
     """Metrics are best effort: with Redis down, recording logs and returns."""
     dead = redis.Redis(host="127.0.0.1", port=free_port(), retry=Retry(NoBackoff(), 0))
     metrics = EndpointMetrics(dead)
-    metrics.attempt(status="200", seconds=0.1, bytes_sent=10, images=1)
-    metrics.retry("503")
-    metrics.slot_wait(0.1)
+    with capture_logs() as logs:
+        metrics.attempt(status="200", seconds=0.1, bytes_sent=10, images=1)
+        metrics.retry("503")
+        metrics.slot_wait(0.1)
     dead.close()
+    assert [entry["event"] for entry in logs] == ["metrics.write_failed"] * 3
 
 
 def test_metrics_route_needs_the_token_and_shows_in_flight(

@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 import structlog
@@ -156,10 +156,6 @@ class RedisLimiter:
     def limit(self) -> int:
         return self._limit
 
-    @property
-    def key(self) -> str:
-        return self._key
-
     def acquire(self, timeout: float) -> RedisLease | None:
         """A lease, or None when no slot came free within ``timeout`` seconds."""
         lease_id = f"{self._owner}:{uuid.uuid4().hex[:12]}"
@@ -225,12 +221,6 @@ class RedisLease:
             self._limiter._release_lease(self.id)
         except redis.RedisError as exc:
             log.warning("limiter.release_failed", lease=self.id, error=type(exc).__name__)
-
-    def __enter__(self) -> RedisLease:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
     def _keep_alive(self) -> None:
         while not self._done.wait(self._limiter._renew_interval):
