@@ -77,13 +77,6 @@ class ModalityConvertSettings(_Section):
     series_policy: SamplingPolicy | None = None
     series_param: int | None = Field(default=None, ge=1)
 
-    @field_validator("preset_window")
-    @classmethod
-    def _width(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not value[1] >= 1.0:
-            raise ValueError("preset_window is [center, width] with width >= 1")
-        return value
-
 
 class ConvertSettings(_Section):
     """Spool file -> PNG, on the listener host."""
@@ -101,12 +94,15 @@ class ConvertSettings(_Section):
     max_decoded_bytes: int = Field(default=1 << 30, ge=1)
     modality: dict[str, ModalityConvertSettings] = Field(default_factory=dict)
 
-    @field_validator("percentiles")
-    @classmethod
-    def _percentiles(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 <= value[0] < value[1] <= 100.0:
-            raise ValueError("percentiles are [low, high] with 0 <= low < high <= 100")
-        return value
+    @model_validator(mode="after")
+    def _options_are_valid(self) -> ConvertSettings:
+        # ConvertOptions owns the rules (window width, percentiles, policies): build it once
+        # here so a bad value stops the start-up instead of the first conversion.
+        try:
+            self.options()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
 
     @field_validator("modality")
     @classmethod
