@@ -22,6 +22,8 @@ from tests import factory
 
 SIDE = 256
 TOP = 4095  # 12-bit
+#: The cohort's usual window (center, width), kept by the frames that have no anatomy to window.
+FLAT_WINDOW = (1700.0, 2600.0)
 Image = tuple[np.ndarray, dict[str, Any]]  # stored pixels (float), header fields
 
 
@@ -91,19 +93,22 @@ def chest_attenuation(rng: np.random.Generator) -> Any:
 def chest(rng: np.random.Generator) -> Image:
     """A normal chest PA; 30% stored MONOCHROME1 (inverted values), as CR plates often are."""
     stored = _expose(rng, chest_attenuation(rng))
-    return _stored_as_device_would(rng, stored, "CR", "CHEST")
+    return _stored_as_device_would(rng, stored)
 
 
-def _stored_as_device_would(
-    rng: np.random.Generator, stored: Any, modality: str, body_part: str
-) -> Image:
+def _chest_header(window: tuple[float, float]) -> dict[str, Any]:
+    """The header of a CR chest stored MONOCHROME2 with ``window`` (center, width)."""
+    return {"modality": "CR", "body_part": "CHEST", "photometric": "MONOCHROME2", "window": window}
+
+
+def _stored_as_device_would(rng: np.random.Generator, stored: Any) -> Image:
+    """A CR chest header windowed on the data; 30% stored MONOCHROME1 (values inverted)."""
     lo, hi = np.percentile(stored, [1, 99])
     window = ((lo + hi) / 2 + rng.normal(0, 40), (hi - lo) * rng.uniform(1.0, 1.2))
-    header = {"modality": modality, "body_part": body_part, "photometric": "MONOCHROME2"}
     if rng.random() < 0.3:
-        stored, window = TOP - stored, (TOP - window[0], window[1])
-        header["photometric"] = "MONOCHROME1"
-    return stored, {**header, "window": window}
+        inverted = _chest_header((TOP - window[0], window[1]))
+        return TOP - stored, {**inverted, "photometric": "MONOCHROME1"}
+    return stored, _chest_header(window)
 
 
 def abdomen(rng: np.random.Generator) -> Image:
@@ -114,7 +119,7 @@ def abdomen(rng: np.random.Generator) -> Image:
     att += 0.15 * f.ellipse(-0.45, -0.55, 0.45, 0.35, 0.3)  # liver
     for _ in range(int(rng.integers(8, 20))):  # bowel gas
         att -= 0.35 * f.ellipse(*rng.uniform(-0.6, 0.6, 2), *rng.uniform(0.05, 0.14, 2), 0.4)
-    return _stored_as_device_would(rng, _expose(rng, att), "CR", "CHEST")
+    return _stored_as_device_would(rng, _expose(rng, att))
 
 
 def hand(rng: np.random.Generator) -> Image:
@@ -124,19 +129,13 @@ def hand(rng: np.random.Generator) -> Image:
         length = 0.45 if i else 0.3
         cx, cy = 0.5 * np.sin(angle), 0.05 - 0.5 * np.cos(angle)
         att += 0.55 * f.ellipse(cx, cy - 0.1, 0.07, length, 0.3)
-    return _stored_as_device_would(rng, _expose(rng, att), "CR", "CHEST")
+    return _stored_as_device_would(rng, _expose(rng, att))
 
 
 def ct_slice(rng: np.random.Generator) -> Image:
     """An axial CT slice (another modality) under a chest radiograph's header."""
     hu = factory.phantom(SIDE, SIDE, seed=int(rng.integers(1 << 30)), z=float(rng.random()))
-    stored = np.clip(hu + 1024, 0, TOP)
-    return stored, {
-        "modality": "CR",
-        "body_part": "CHEST",
-        "photometric": "MONOCHROME2",
-        "window": (1064.0, 400.0),
-    }
+    return np.clip(hu + 1024, 0, TOP), _chest_header((1064.0, 400.0))
 
 
 def inverted(rng: np.random.Generator) -> Image:
@@ -150,23 +149,13 @@ def inverted(rng: np.random.Generator) -> Image:
 def blank(rng: np.random.Generator) -> Image:
     """An unexposed plate: flat readout with electronic noise, the cohort's usual window."""
     stored = np.clip(rng.normal(rng.uniform(100, 300), 2, (SIDE, SIDE)), 0, TOP)
-    return stored, {
-        "modality": "CR",
-        "body_part": "CHEST",
-        "photometric": "MONOCHROME2",
-        "window": (1700.0, 2600.0),
-    }
+    return stored, _chest_header(FLAT_WINDOW)
 
 
 def saturated(rng: np.random.Generator) -> Image:
     """Detector saturation: almost everything at the top of the range."""
     stored = np.clip(TOP - np.abs(rng.normal(0, 3, (SIDE, SIDE))), 0, TOP)
-    return stored, {
-        "modality": "CR",
-        "body_part": "CHEST",
-        "photometric": "MONOCHROME2",
-        "window": (1700.0, 2600.0),
-    }
+    return stored, _chest_header(FLAT_WINDOW)
 
 
 def wrong_window(rng: np.random.Generator) -> Image:
@@ -179,7 +168,7 @@ def wrong_window(rng: np.random.Generator) -> Image:
 def noisy(rng: np.random.Generator) -> Image:
     """Gross noise: a badly underexposed chest, noise twice the anatomy's contrast."""
     stored = _expose(rng, chest_attenuation(rng), noise=0.5)
-    return _stored_as_device_would(rng, stored, "CR", "CHEST")
+    return _stored_as_device_would(rng, stored)
 
 
 def rotated(rng: np.random.Generator) -> Image:

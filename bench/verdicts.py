@@ -153,13 +153,13 @@ def run_corpus(args: argparse.Namespace, connection: redis.Redis) -> None:
         f"{len(radiographs.OUTLIERS)} planted outliers; {len(stored)} verdicts stored"
     )
     report_reference(settings, detector, stored)
-    tail = [sop for sop in list(kinds)[boot_end:]]
-    report_calibration(settings, [stored[s] for s in tail if kinds[s] == "normal"])
-    report_detection({k: [stored[s] for s in tail if kinds[s] == k] for k in radiographs.OUTLIERS})
-    report_labels(
-        {k: [stored[s] for s in tail if kinds[s] == k] for k in radiographs.TRUE_LABELS},
-        [stored[s] for s in tail if kinds[s] == "normal"],
-    )
+    after_bootstrap: dict[str, list[InstanceVerdict]] = {}  # kind -> verdicts, stream order
+    for sop in list(kinds)[boot_end:]:
+        after_bootstrap.setdefault(kinds[sop], []).append(stored[sop])
+    normals = after_bootstrap.get("normal", [])
+    report_calibration(settings, normals)
+    report_detection({k: after_bootstrap.get(k, []) for k in radiographs.OUTLIERS})
+    report_labels({k: after_bootstrap.get(k, []) for k in radiographs.TRUE_LABELS}, normals)
     print(f"\nms per batch of {BATCH} ({len(endpoint.calls)} batches; median / p95 / mean):")
     print(f"  endpoint call (local emulator over HTTP) {endpoint.summary()}")
     print(f"  detector assess (scores, p-values, labels) {assess.summary()}")

@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.detect.detector import Detector
-from pipeline.detect.reference import ReferenceStore
+from pipeline.detect.detector import Detector, reference_store
 from pipeline.detect.scoring import neighbour_table, unit_rows
 from pipeline.settings import DetectSettings
 
@@ -53,18 +52,7 @@ def _measure(connection: Any, n: int, capacity: int, rng: np.random.Generator) -
     """One table row for a reference of ``n`` vectors."""
     connection.flushdb()
     settings = DetectSettings(max_reference=capacity)
-
-    def store() -> ReferenceStore:
-        return ReferenceStore(
-            connection,
-            k=settings.k,
-            min_reference=settings.min_reference,
-            max_reference=settings.max_reference,
-            trim_mads=settings.trim_mads,
-            dim=1024,
-        )
-
-    refs = store()
+    refs = reference_store(settings, connection)
     vectors = _cluster(rng, n)
     start = time.perf_counter()
     neighbour_table(vectors, settings.k)
@@ -82,7 +70,7 @@ def _measure(connection: Any, n: int, capacity: int, rng: np.random.Generator) -
         refs.admit(COHORT, _cluster(rng, BATCH), [f"2.25.{b}.{i}" for i in range(BATCH)])
 
     admit_ms = _best_ms(admit, 5)
-    cold_ms = _best_ms(lambda: store().snapshot(COHORT), 3)
+    cold_ms = _best_ms(lambda: reference_store(settings, connection).snapshot(COHORT), 3)
     megabytes = connection.info("memory")["used_memory"] / 1e6
     return (
         f"{n:>10} {assess_ms:>14.3f} {admit_ms:>15.1f} {cold_ms:>13.1f} "

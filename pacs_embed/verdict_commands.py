@@ -121,15 +121,14 @@ def _search(args: argparse.Namespace, settings: Settings, connection: redis.Redi
 def _embed_file(path: Path, settings: Settings, connection: redis.Redis) -> Any:
     """The query vector of a DICOM file: its frames converted as the daemon would, embedded by
     the configured endpoint (or the emulator of a `run` on this state dir); several frames are
-    averaged like a series."""
+    averaged like a series (``nearest`` normalises the query)."""
     from pipeline.convert import convert_file
     from workers.main import build_client
 
     image = convert_file(path, settings.convert.options())
     with build_client(_with_local_endpoint(settings), connection) as client:
         vectors = client.embed_images(list(image.pngs))
-    mean = np.asarray(vectors, dtype=np.float64).mean(axis=0)
-    return mean / np.linalg.norm(mean)
+    return np.asarray(vectors, dtype=np.float64).mean(axis=0)
 
 
 def _with_local_endpoint(settings: Settings) -> Settings:

@@ -32,6 +32,7 @@ import numpy.typing as npt
 import redis
 
 from pipeline.detect.verdict import GroupVerdict, InstanceVerdict, series_verdict, study_verdict
+from pipeline.embed.contract import EMBEDDING_DIM
 from pipeline.ledger import PREFIX, Ledger
 
 VECTORS = f"{PREFIX}:emb:vec"
@@ -116,12 +117,14 @@ class EmbeddingStore:
         return int(self.redis.hlen(VECTORS))
 
     def get(self, sop_uid: str) -> np.ndarray | None:
-        raw = self.redis.hget(VECTORS, sop_uid)
-        return None if raw is None else np.frombuffer(cast(bytes, raw), dtype=DTYPE).copy()
+        return self._vector(VECTORS, sop_uid)
 
     def series_vector(self, series_uid: str) -> np.ndarray | None:
         """The series embedding: the normalised mean of its images' vectors."""
-        raw = self.redis.hget(SERIES_VECTORS, series_uid)
+        return self._vector(SERIES_VECTORS, series_uid)
+
+    def _vector(self, key: str, field: str) -> np.ndarray | None:
+        raw = self.redis.hget(key, field)
         return None if raw is None else np.frombuffer(cast(bytes, raw), dtype=DTYPE).copy()
 
     # -- verdicts -----------------------------------------------------------------------------
@@ -139,17 +142,28 @@ class EmbeddingStore:
 
     def series_verdict(self, series_uid: str) -> GroupVerdict | None:
         """Derived from the series' instance verdicts at read time (see verdict.py)."""
-        fields = [_text(f) for f in self.redis.hkeys(series_key(series_uid))]
-        sops = [f[2:] for f in fields if f.startswith("i:")]
-        if not sops:
-            return None
-        found = [v for v in self.verdicts(sops) if v is not None]
-        return series_verdict(series_uid, found)
+        return self._series_verdicts([series_uid])[0]
 
     def study_verdict(self, study_uid: str) -> GroupVerdict | None:
         series = sorted(_text(s) for s in self.redis.smembers(study_key(study_uid)))
-        parts = [v for v in map(self.series_verdict, series) if v is not None]
+        parts = [v for v in self._series_verdicts(series) if v is not None]
         return study_verdict(study_uid, parts) if parts else None
+
+    def _series_verdicts(self, series_uids: Sequence[str]) -> list[GroupVerdict | None]:
+        """Each series' verdict (None: no counted image) in two round trips, however many."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for uid in series_uids:
+                pipe.hkeys(series_key(uid))
+            members = [
+                [f[2:] for f in map(_text, fields) if f.startswith("i:")]
+                for fields in pipe.execute()
+            ]
+        found = iter(self.verdicts([sop for sops in members for sop in sops]))
+        out: list[GroupVerdict | None] = []
+        for uid, sops in zip(series_uids, members, strict=True):
+            group = [v for v in (next(found) for _ in sops) if v is not None]
+            out.append(series_verdict(uid, group) if sops else None)
+        return out
 
     # -- reading in bulk ----------------------------------------------------------------------
     def vectors_in_chunks(
@@ -193,7 +207,7 @@ class EmbeddingStore:
             chunks.append(matrix)
         order = np.argsort(np.array(uids, dtype=str)) if uids else np.array([], dtype=int)
         uids = [uids[i] for i in order]
-        vectors = np.concatenate(chunks)[order] if chunks else np.zeros((0, 1024), "f4")
+        vectors = np.concatenate(chunks)[order] if chunks else _matrix([])
         columns = _columns(self, uids)
         series = sorted(_text(s) for s in self.redis.hkeys(SERIES_VECTORS))
         series_raw = self.redis.hmget(SERIES_VECTORS, series) if series else []
@@ -204,7 +218,7 @@ class EmbeddingStore:
                 "vectors": vectors.astype(np.float32),
                 **columns,
                 "series_keys": np.array(series, dtype=str),
-                "series_vectors": _matrix(series_raw) if series else np.zeros((0, 1024), "f4"),
+                "series_vectors": _matrix(series_raw),
             }
             np.savez(handle, **arrays)
         return len(uids)
@@ -264,6 +278,8 @@ def _watch(pipe: Any, keys: list[str]) -> None:
 
 
 def _matrix(rows: Sequence[Any]) -> npt.NDArray[np.float32]:
+    if not rows:
+        return np.zeros((0, EMBEDDING_DIM), DTYPE)
     return np.frombuffer(b"".join(rows), dtype=DTYPE).reshape(len(rows), -1).copy()
 
 

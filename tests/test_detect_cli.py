@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from pacs_embed import cli
-from pipeline.detect.reference import ReferenceStore
+from pipeline.detect.detector import reference_store
+from pipeline.settings import Settings
 
 
 @pytest.fixture(autouse=True)
@@ -62,9 +63,7 @@ def test_import_leaves_out_flagged_rows_and_caps_size(
     assert cli.main(["reference", "import", str(tmp_path / "e.npz")]) == 0
     out = capsys.readouterr().out
     assert "10 flagged rows left out" in out and "40 over max_reference left out" in out
-    refs = ReferenceStore(
-        redis_conn, k=10, min_reference=100, max_reference=150, trim_mads=10.0, dim=1024
-    )
+    refs = reference_store(Settings.load().detect, redis_conn)  # max_reference 150, from _env
     assert refs.snapshot("CT/CHEST").size == 150
 
 

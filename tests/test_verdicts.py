@@ -11,8 +11,7 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from pipeline.detect.detector import Detector
-from pipeline.detect.reference import ReferenceStore
+from pipeline.detect.detector import Detector, reference_store
 from pipeline.detect.scoring import unit_rows
 from pipeline.detect.verdict import (
     BOOTSTRAP,
@@ -22,13 +21,14 @@ from pipeline.detect.verdict import (
     series_verdict,
     study_verdict,
 )
+from pipeline.embed.contract import EMBEDDING_DIM
 from pipeline.jobs import EmbedBatch, ImageItem
 from pipeline.ledger import Ledger
 from pipeline.settings import DetectSettings
-from pipeline.store import EmbeddingStore
+from pipeline.store import Embedded, EmbeddingStore
 from workers.service import EmbedService
 
-DIM = 1024
+DIM = EMBEDDING_DIM
 SETTINGS = DetectSettings(alpha=0.05, min_reference=30, max_reference=500, k=5)
 
 
@@ -54,15 +54,7 @@ def image(n: int, png: bytes, series: str = "1.2.3", study: str = "1.2") -> Imag
 
 
 def make(conn: redis.Redis, settings: DetectSettings = SETTINGS) -> tuple[EmbedService, Detector]:
-    refs = ReferenceStore(
-        conn,
-        k=settings.k,
-        min_reference=settings.min_reference,
-        max_reference=settings.max_reference,
-        trim_mads=settings.trim_mads,
-        dim=DIM,
-    )
-    detector = Detector(settings, refs)
+    detector = Detector(settings, reference_store(settings, conn))
     ledger = Ledger(conn)
     return EmbedService(Embedder(), EmbeddingStore(conn, ledger), ledger, detector), detector
 
@@ -116,9 +108,7 @@ def test_series_embedding_is_the_normalised_mean_counted_once(redis_conn: redis.
     np.testing.assert_allclose(series, mean / np.linalg.norm(mean), atol=1e-6)
 
 
-def _embedded(item: ImageItem):  # type: ignore[no-untyped-def]
-    from pipeline.store import Embedded
-
+def _embedded(item: ImageItem) -> Embedded:
     return Embedded(
         item.sop_instance_uid,
         item.series_instance_uid,

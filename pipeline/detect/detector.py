@@ -85,15 +85,20 @@ class Detector:
     def cohort_of(self, image: Image) -> str:
         return self.rule.key(image.modality, image.body_part, getattr(image, "view", ""))
 
+    def _rows_by_cohort(self, images: Sequence[Image]) -> dict[str, list[int]]:
+        """Cohort -> the indices of its images, cohorts in order of first appearance."""
+        groups: dict[str, list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(self.cohort_of(image), []).append(i)
+        return groups
+
     def assess(self, images: Sequence[Image], vectors: Floats) -> list[InstanceVerdict]:
         """One verdict per image (row-aligned with ``vectors``)."""
         unit = unit_rows(vectors)
         labels = self._labels(images, unit)
-        cohorts = [self.cohort_of(image) for image in images]
         verdicts: list[InstanceVerdict | None] = [None] * len(images)
         s = self.settings
-        for cohort in dict.fromkeys(cohorts):
-            rows = [i for i, c in enumerate(cohorts) if c == cohort]
+        for cohort, rows in self._rows_by_cohort(images).items():
             snap = self.references.snapshot(cohort)
             scores = np.full(len(rows), np.nan)
             if snap.size:
@@ -140,10 +145,8 @@ class Detector:
     def learn(self, images: Sequence[Image], vectors: Floats) -> list[Revision]:
         """Offer the images to their references; revisions for reference images trimmed now."""
         unit = unit_rows(vectors)
-        cohorts = [self.cohort_of(image) for image in images]
         revisions: list[Revision] = []
-        for cohort in dict.fromkeys(cohorts):
-            rows = [i for i, c in enumerate(cohorts) if c == cohort]
+        for cohort, rows in self._rows_by_cohort(images).items():
             result = self.references.admit(
                 cohort, unit[rows], [images[i].sop_instance_uid for i in rows]
             )

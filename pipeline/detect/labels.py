@@ -109,7 +109,6 @@ class PromptEmbeddings:
         self.texts = [prompts[label] for label in self.labels]
         self._loaded: tuple[Floats, float] | None = None
         self._retry_at = 0.0
-        self.fetches = 0
 
     def get(self) -> tuple[Floats, float] | None:
         """(labels x dim unit vectors, scaling factor); None while the endpoint cannot say."""
@@ -136,7 +135,6 @@ class PromptEmbeddings:
 
     def _fetch(self, texts: list[str]) -> None:
         result = self.client.embed([Row(text=text) for text in texts])
-        self.fetches += 1
         mapping: dict[str, bytes | str] = {
             text: np.asarray(vector, dtype="<f4").tobytes()
             for text, vector in zip(texts, result.text, strict=True)
