@@ -12,7 +12,9 @@ embed job, the CLI) maps it in one place: to a DICOM status, to "retry" or to "q
     │   └── NotSampledError          left out by the modality's series sampling policy
     └── EndpointError                the MedImageInsight endpoint did not give us embeddings
         ├── TransientEndpointError   408/429/5xx, timeouts, refused connections, a 2xx body
-        │                            cut short, no in-flight slot before the deadline: retry later
+        │   │                        cut short, no in-flight slot before the deadline: retry later
+        │   └── EndpointAuthError    401/403: our credentials, not the images, are at fault; not
+        │                            retried within the call, but the job retries later
         └── PermanentEndpointError   other 4xx, model errors (424), answers off-contract: quarantine
             └── ResponseFormatError  the answer does not fit the contract (shape, count, NaN)
 """
@@ -72,6 +74,14 @@ class EndpointError(PacsEmbedError):
 class TransientEndpointError(EndpointError):
     """Worth retrying: throttling, overload, cold start, timeouts, dropped connections, a body
     cut short, or no fleet-wide in-flight slot (or Redis for it) before the deadline."""
+
+
+class EndpointAuthError(TransientEndpointError):
+    """The endpoint refused our key or token (401/403).
+
+    Retrying the same request at once will not help, and quarantining the images would punish
+    them for a configuration error: the job is retried over its back-off while the key is fixed.
+    """
 
 
 class PermanentEndpointError(EndpointError):

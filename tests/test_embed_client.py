@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from pipeline.embed.client import AZURE_ML_SCOPE, EndpointClient
 from pipeline.embed.contract import EMBEDDING_DIM, Row
 from pipeline.errors import (
+    EndpointAuthError,
     PermanentEndpointError,
     ResponseFormatError,
     TransientEndpointError,
@@ -270,7 +271,7 @@ def test_key_never_appears_in_error_messages(
     recorder = Recorder(
         [lambda r: httpx.Response(401, text=f"bad header: {r.headers['authorization']}")]
     )
-    with pytest.raises(PermanentEndpointError) as caught:
+    with pytest.raises(EndpointAuthError) as caught:
         client_factory(recorder).embed_images(pngs(1))
     assert caught.value.status == 401
     assert KEY not in str(caught.value)

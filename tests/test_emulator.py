@@ -14,7 +14,7 @@ from PIL import Image
 
 from emulator import EMULATOR_HEADER, EMULATOR_HEADER_VALUE, EmulatorConfig, EmulatorServer, model
 from pipeline.embed import EMBEDDING_DIM, EndpointClient, Row
-from pipeline.errors import PermanentEndpointError
+from pipeline.errors import EndpointAuthError
 
 KEY = "emulator-test-key"
 
@@ -158,10 +158,10 @@ def test_mixed_rows_follow_row_level_fields(client: EndpointClient) -> None:
     np.testing.assert_array_equal(result.image[0], result.image[2])
 
 
-def test_wrong_key_is_permanent_401(emulator: EmulatorServer) -> None:
-    """A wrong key gets 401, which the client reports as permanent without leaking the key."""
+def test_wrong_key_is_an_auth_error_401(emulator: EmulatorServer) -> None:
+    """A wrong key gets 401: an auth error (the job retries later), without leaking the key."""
     with EndpointClient(emulator.url, key="wrong-key", sleep=lambda s: None) as client:
-        with pytest.raises(PermanentEndpointError) as caught:
+        with pytest.raises(EndpointAuthError) as caught:
             client.embed_images([png(gradient(0.1))])
     assert caught.value.status == 401
     assert "invalid key" in str(caught.value)

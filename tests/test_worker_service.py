@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline.errors import PermanentEndpointError, TransientEndpointError
+from pipeline.errors import EndpointAuthError, PermanentEndpointError, TransientEndpointError
 from pipeline.jobs import EmbedBatch, ImageItem, split
 from pipeline.ledger import Ledger
 from pipeline.store import EmbeddingStore
@@ -98,13 +98,13 @@ def test_split_caps_count_and_bytes() -> None:
 
 class RefusingEmbedder(StubEmbedder):
     def embed_images(self, pngs: list[bytes]) -> np.ndarray:
-        raise PermanentEndpointError("endpoint answered 401 Unauthorized", status=401)
+        raise EndpointAuthError("endpoint answered 401 Unauthorized", status=401)
 
 
 def test_wrong_key_retries_instead_of_quarantining(redis_conn: redis.Redis) -> None:
     """A 401 is raised as transient (rq retries the job); no image is marked failed."""
     ledger = Ledger(redis_conn)
     service = EmbedService(RefusingEmbedder(), EmbeddingStore(redis_conn, ledger), ledger)
-    with pytest.raises(TransientEndpointError, match="credentials"):
+    with pytest.raises(TransientEndpointError, match="401"):
         service.run(EmbedBatch("1.2.3", (item(1), item(2))))
     assert ledger.counts()["failed"] == 0

@@ -19,15 +19,12 @@ import structlog
 
 from pipeline.detect.detector import Detector
 from pipeline.detect.verdict import InstanceVerdict
-from pipeline.errors import PermanentEndpointError, TransientEndpointError
+from pipeline.errors import PermanentEndpointError
 from pipeline.jobs import EmbedBatch, ImageItem
 from pipeline.ledger import Ledger
 from pipeline.store import Embedded, EmbeddingStore
 
 log = structlog.get_logger(__name__)
-
-#: Statuses that say our credentials are wrong: no image is at fault.
-AUTH_STATUSES = (401, 403)
 
 
 class ImageEmbedder(Protocol):
@@ -66,12 +63,6 @@ class EmbedService:
         try:
             saved, failed = self._embed(todo), 0
         except PermanentEndpointError as exc:
-            if exc.status in AUTH_STATUSES:
-                # A wrong or expired key is the operator's to fix, not the images' fault: let rq
-                # retry the job over its back-off (~20 min) before the images are quarantined.
-                raise TransientEndpointError(
-                    f"endpoint refused our credentials: {exc}", status=exc.status
-                ) from exc
             if len(todo) == 1:
                 self._fail(todo, exc)
                 return Outcome(0, len(batch.items) - len(todo), len(todo))

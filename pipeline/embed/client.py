@@ -41,12 +41,20 @@ from pipeline.embed.retry import (
     permanent_message,
     retry_after_seconds,
 )
-from pipeline.errors import PermanentEndpointError, ResponseFormatError, TransientEndpointError
+from pipeline.errors import (
+    EndpointAuthError,
+    PermanentEndpointError,
+    ResponseFormatError,
+    TransientEndpointError,
+)
 from pipeline.metrics import NO_METRICS, RequestMetrics
 
 __all__ = ["AZURE_ML_SCOPE", "EndpointClient", "RequestMetrics", "TokenCredential"]
 
 log = structlog.get_logger(__name__)
+
+#: Credentials refused: the operator must act, the images are not at fault.
+AUTH_STATUSES = frozenset({401, 403})
 
 #: Header that routes a request to one deployment behind the endpoint.
 DEPLOYMENT_HEADER = "azureml-model-deployment"
@@ -232,7 +240,7 @@ class EndpointClient:
             if status == TOO_LARGE_STATUS:
                 raise _TooLarge
             if status not in TRANSIENT_STATUSES:
-                self._raise_permanent(response)
+                self._raise_unretried(response)
             retry_after = retry_after_seconds(response.headers)
             return Failure(f"HTTP {status}", str(status), status, retry_after)
         try:
@@ -269,11 +277,15 @@ class EndpointClient:
             status=status, seconds=seconds, bytes_sent=len(content), images=images
         )
 
-    def _raise_permanent(self, response: httpx.Response) -> NoReturn:
-        message = permanent_message(
-            response.status_code, response.reason_phrase, response.headers, response.text
+    def _raise_unretried(self, response: httpx.Response) -> NoReturn:
+        """A status that retrying this call will not change: credentials refused, or final."""
+        status = response.status_code
+        message = self._redact(
+            permanent_message(status, response.reason_phrase, response.headers, response.text)
         )
-        raise PermanentEndpointError(self._redact(message), status=response.status_code)
+        if status in AUTH_STATUSES:
+            raise EndpointAuthError(message, status=status)
+        raise PermanentEndpointError(message, status=status)
 
     def _headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
