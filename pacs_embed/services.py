@@ -36,24 +36,28 @@ def admin_token(settings: Settings) -> str:
 def admin_server(settings: Settings, connection: redis.Redis) -> AdminServer:
     spool, quarantine = settings.spool_dir, settings.quarantine_dir
 
-    def status_route() -> tuple[int, dict[str, object]]:
+    def status_route(_query: dict[str, str]) -> tuple[int, dict[str, object]]:
         return 200, status.gather(connection, spool, quarantine)
 
-    def ready_route() -> tuple[int, dict[str, object]]:
+    def ready_route(_query: dict[str, str]) -> tuple[int, dict[str, object]]:
         checks = status.ready(connection, spool)
         return (200 if all(checks.values()) else 503), dict(checks)
 
     fleet = metrics_collector(settings, connection)
 
-    def metrics_route() -> tuple[int, Text]:
+    def metrics_route(_query: dict[str, str]) -> tuple[int, Text]:
         return 200, Text(metrics.render(fleet), metrics.CONTENT_TYPE)
 
     return AdminServer(
         settings.admin.host,
         settings.admin.port,
         admin_token(settings),
-        {"/status": status_route, "/readyz": ready_route, "/metrics": metrics_route},
-        verdict_commands.admin_routes(settings, connection),  # /search, /verdicts
+        {
+            "/status": status_route,
+            "/readyz": ready_route,
+            "/metrics": metrics_route,
+            **verdict_commands.admin_routes(settings, connection),  # /search, /verdicts
+        },
     )
 
 

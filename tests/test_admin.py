@@ -18,7 +18,10 @@ from tests.admin_http import get
 def server(redis_conn: redis.Redis, tmp_path: Path) -> Iterator[AdminServer]:
     (tmp_path / "spool" / "tmp").mkdir(parents=True)
     routes = {
-        "/status": lambda: (200, status.gather(redis_conn, tmp_path / "spool", tmp_path / "q")),
+        "/status": lambda _query: (
+            200,
+            status.gather(redis_conn, tmp_path / "spool", tmp_path / "q"),
+        ),
     }
     admin = AdminServer("127.0.0.1", 0, "t0ken", routes)
     admin.start_in_thread()

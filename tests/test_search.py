@@ -98,7 +98,7 @@ def test_cli_search_by_sop_prints_json(
 
 @pytest.fixture
 def admin(store: EmbeddingStore, redis_conn: redis.Redis) -> Iterator[AdminServer]:
-    server = AdminServer("127.0.0.1", 0, BEARER, {}, admin_routes(Settings.load(), redis_conn))
+    server = AdminServer("127.0.0.1", 0, BEARER, admin_routes(Settings.load(), redis_conn))
     server.start_in_thread()
     yield server
     server.shutdown()

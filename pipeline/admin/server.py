@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hmac
 import json
 import threading
@@ -25,9 +24,9 @@ class Text:
     content_type: str
 
 
-Route = Callable[[], tuple[int, dict[str, Any] | Text]]
-#: A route that reads the query string, e.g. /search?sop=...; values are the last of each name.
-QueryRoute = Callable[[dict[str, str]], tuple[int, dict[str, Any]]]
+#: A route gets the query string's parameters (the last value of each name; most routes ignore
+#: them) and returns (HTTP status, JSON-able dict or Text).
+Route = Callable[[dict[str, str]], tuple[int, dict[str, Any] | Text]]
 
 
 class AdminServer:
@@ -39,11 +38,12 @@ class AdminServer:
         port: int,
         token: str,
         routes: dict[str, Route],
-        query_routes: dict[str, QueryRoute] | None = None,
     ) -> None:
         self.token = token
-        self.query_routes = dict(query_routes or {})
-        self.routes = {"/healthz": lambda: (200, {"status": "ok"}), **routes}
+        self.routes: dict[str, Route] = {
+            "/healthz": lambda _query: (200, {"status": "ok"}),
+            **routes,
+        }
         self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -66,9 +66,6 @@ class AdminServer:
             def do_GET(self) -> None:
                 path, _, query = self.path.partition("?")
                 route = server.routes.get(path)
-                if route is None and path in server.query_routes:
-                    params = dict(urllib.parse.parse_qsl(query))
-                    route = functools.partial(server.query_routes[path], params)
                 if route is None:
                     self._send(404, {"error": "not found"})
                 elif path != "/healthz" and not server._authorised(
@@ -77,7 +74,7 @@ class AdminServer:
                     self._send(401, {"error": "bearer token required"})
                 else:
                     try:
-                        self._send(*route())
+                        self._send(*route(dict(urllib.parse.parse_qsl(query))))
                     except Exception as exc:
                         log.exception("admin.error", path=path)
                         self._send(503, {"error": type(exc).__name__})
