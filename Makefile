@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# `make run` needs the runtime dependencies only (no pytest, linters or test data).
+RUN_STAMP := $(VENV)/.installed-run
 PYTEST_ARGS ?=
 
 .PHONY: run test test-fast lint bench clean os-run os-test
 
-run: os-run $(STAMP)
+run: os-run $(RUN_STAMP)
 	$(BIN)/pacs-embed run
 
 test: os-test $(STAMP)
@@ -35,9 +37,13 @@ os-run:
 os-test:
 	@scripts/install-os-packages test
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -8,6 +8,10 @@ and the handlers refuse new instances (0xA700) while the backlog here is over it
 
 Crash-safety comes from the spool, not from here: anything in flight when the process dies is
 found again by reconciliation at the next start.
+
+One bad item never blocks the others: a batch the queue refuses for anything but a Redis outage
+is quarantined with the reason, and the loop goes on. A loop that keeps failing (Redis away) is
+reported by :meth:`Dispatcher.health`, which ``/readyz`` and ``/status`` show.
 """
 
 from __future__ import annotations
@@ -18,20 +22,29 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 import structlog
 
-from dicom_listener.spool import SUFFIX, Spool
+from dicom_listener.spool import Spool
 from pipeline.convert import ConvertedImage, ConvertOptions, convert_file
 from pipeline.errors import ConversionError, SkippedError
 from pipeline.jobs import EmbedBatch, ImageItem, items_of, split
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, Stage
 from pipeline.lifetime import pool_process_init
+from pipeline.logs import withhold_quoted
 
 log = structlog.get_logger(__name__)
+
+#: Characters of a failure's detail kept.
+MAX_DETAIL = 2000
+
+#: How often the loop reports its health (see pipeline/health.py).
+REPORT_SECONDS = 2.0
 
 Enqueue = Callable[[EmbedBatch], str]
 QueueDepth = Callable[[], int]
@@ -63,7 +76,10 @@ class Dispatcher:
         options: ConvertOptions,
         limits: DispatchLimits,
         processes: int,
+        log_settings: tuple[str, str] = ("info", "json"),
+        report: Callable[[dict[str, object]], None] | None = None,
     ) -> None:
+        self.report = report
         self.spool = spool
         self.ledger = ledger
         self.enqueue = enqueue
@@ -71,17 +87,20 @@ class Dispatcher:
         self.options = options
         self.limits = limits
         self.inbox: queue.Queue[Path] = queue.Queue()
+        self._waiting: deque[Path] = deque()  # taken from the inbox, marked spooled
         self._pending: dict[str, _Series] = {}
         self._futures: dict[cf.Future[ConvertedImage], Path] = {}
         self._stop = threading.Event()
         self._idle = threading.Event()
+        self._failing_since: float | None = None
+        self._last_error = ""
         # spawn: never fork a process that runs pynetdicom's threads; and unlike forkserver,
         # the pool processes are our own children, so they can die with us.
         self._pool = cf.ProcessPoolExecutor(
             max_workers=processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=pool_process_init,
-            initargs=(os.getpid(),),
+            initargs=(os.getpid(), *log_settings),
         )
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
@@ -93,7 +112,17 @@ class Dispatcher:
     def backlog(self) -> int:
         """Instances accepted but not yet handed to the queue."""
         pending = sum(len(series.items) for series in list(self._pending.values()))
-        return self.inbox.qsize() + len(self._futures) + pending
+        return self.inbox.qsize() + len(self._waiting) + len(self._futures) + pending
+
+    def health(self) -> dict[str, object]:
+        """``ok`` False while the loop keeps failing; the error names the exception type only."""
+        since = self._failing_since
+        return {
+            "ok": since is None,
+            "failing_for_seconds": round(time.monotonic() - since, 1) if since else 0.0,
+            "last_error": self._last_error,
+            "backlog": self.backlog(),
+        }
 
     def start(self) -> None:
         self._thread.start()
@@ -109,29 +138,53 @@ class Dispatcher:
 
     # -- the dispatcher thread ------------------------------------------------------------------
     def _run(self) -> None:
+        reported = 0.0
         while not self._stop.is_set():
+            if self.report is not None and time.monotonic() - reported >= REPORT_SECONDS:
+                self.report(self.health())
+                reported = time.monotonic()
             try:
+                self._take()
                 self._fill()
                 self._collect(timeout=0.1)
                 self._flush()
                 if not self.backlog():
                     self._idle.set()
-            except Exception:  # Redis down, a bug: log, back off, keep going; the spool holds all
-                log.exception("dispatcher.error")
+                self._failing_since = None
+            except Exception as exc:  # Redis down, a bug: log, back off, keep going; the spool
+                log.exception("dispatcher.error")  # holds everything
+                self._last_error = type(exc).__name__
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                 self._stop.wait(1.0)
+
+    def _take(self) -> None:
+        """Move what the handlers submitted into the ``spooled`` state, in one round trip."""
+        taken: list[Path] = []
+        while True:
+            try:
+                taken.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        if taken:
+            self._waiting.extend(taken)  # first, so a Redis error cannot lose them
+            self.ledger.spooled(Spool.uid_of(path) for path in taken)
 
     def _fill(self) -> None:
         if self.queue_depth() >= self.limits.max_queued_jobs:
             return  # back-pressure: let the workers catch up
-        received = []
-        while len(self._futures) < self.limits.in_flight:
-            try:
-                path = self.inbox.get_nowait()
-            except queue.Empty:
-                break
-            received.append(path.name.removesuffix(SUFFIX))
+        started: list[Path] = []
+        while self._waiting and len(self._futures) + len(started) < self.limits.in_flight:
+            started.append(self._waiting.popleft())
+        if not started:
+            return
+        try:
+            self.ledger.converting(Spool.uid_of(path) for path in started)
+        except Exception:
+            self._waiting.extendleft(reversed(started))
+            raise
+        for path in started:
             self._futures[self._pool.submit(convert_file, path, self.options)] = path
-        self.ledger.received(received)
 
     def _collect(self, timeout: float) -> None:
         if not self._futures:
@@ -145,11 +198,11 @@ class Dispatcher:
             except Exception:
                 # Redis unreachable mid-way: convert this one again later rather than hold a
                 # result whose ledger entry may be missing. The loop backs off on the raise.
-                self.inbox.put(path)
+                self._waiting.append(path)
                 raise
 
     def _settle(self, path: Path, future: cf.Future[ConvertedImage]) -> None:
-        sop_uid = path.name.removesuffix(SUFFIX)
+        sop_uid = Spool.uid_of(path)
         try:
             image = future.result()
         except SkippedError as exc:
@@ -157,10 +210,10 @@ class Dispatcher:
             log.info("convert.skipped", sop_instance_uid=sop_uid, reason=str(exc))
             return
         except ConversionError as exc:
-            self._quarantine(sop_uid, path, f"conversion: {exc}")
+            self._quarantine(sop_uid, path, str(exc), exc.detail)
             return
         except Exception as exc:  # a crashed pool process, a bug: quarantine, never lose silently
-            self._quarantine(sop_uid, path, f"conversion crashed: {type(exc).__name__}: {exc}")
+            self._quarantine(sop_uid, path, "conversion crashed", f"{type(exc).__name__}: {exc}")
             return
         self.ledger.converted(
             sop_uid,
@@ -169,16 +222,20 @@ class Dispatcher:
                 "series": image.series_instance_uid,
                 "modality": image.modality,
                 "body_part": image.body_part,
+                "decoder": image.decoder,
             },
         )
         series = self._pending.setdefault(image.series_instance_uid, _Series())
         series.last_seen = time.monotonic()
         series.items.extend(items_of(image))
 
-    def _quarantine(self, sop_uid: str, path: Path, reason: str) -> None:
-        self.spool.quarantine(sop_uid, path, reason)
-        self.ledger.failed(sop_uid, "convert", reason)
-        log.warning("convert.quarantined", sop_instance_uid=sop_uid, reason=reason)
+    def _quarantine(self, sop_uid: str, path: Path, reason: str, detail: str = "") -> None:
+        # The detail is a library's text (decoder errors); it goes to Redis and the log, so any
+        # value it quotes is withheld. Our own reasons never quote a value.
+        detail = withhold_quoted(detail, MAX_DETAIL)
+        self.spool.quarantine(sop_uid, path, reason, detail)
+        self.ledger.failed(sop_uid, Stage.CONVERT, reason, detail)
+        log.warning("convert.quarantined", sop_instance_uid=sop_uid, reason=reason, detail=detail)
 
     def _flush(self) -> None:
         now = time.monotonic()
@@ -189,16 +246,27 @@ class Dispatcher:
             if arriving and batches and len(batches[-1]) < self.limits.batch_size:
                 batches = batches[:-1]  # the series may still fill its last batch
             for items in batches:
-                batch = EmbedBatch(uid, tuple(items))
-                job_id = self.enqueue(batch)
-                self.ledger.queued(batch.sop_uids, job_id)
-                log.info(
-                    "batch.enqueued",
-                    series_instance_uid=uid,
-                    job_id=job_id,
-                    images=len(batch.items),
-                    png_bytes=batch.png_bytes,
-                )
-            series.items = series.items[sum(len(items) for items in batches) :]
+                self._send(EmbedBatch(uid, tuple(items)))
+                series.items = series.items[len(items) :]
             if not series.items:
                 del self._pending[uid]
+
+    def _send(self, batch: EmbedBatch) -> None:
+        """Enqueue one batch; a batch the queue refuses (not an outage) is quarantined."""
+        try:
+            job_id = self.enqueue(batch)
+        except redis.RedisError:
+            raise  # an outage: keep the batch, the loop backs off and tries again
+        except Exception as exc:
+            for sop_uid in dict.fromkeys(batch.sop_uids):
+                path = self.spool.path_for(sop_uid)
+                self._quarantine(sop_uid, path, "cannot enqueue", f"{type(exc).__name__}: {exc}")
+            return
+        self.ledger.queued(batch.sop_uids, job_id)
+        log.info(
+            "batch.enqueued",
+            series_instance_uid=batch.series_instance_uid,
+            job_id=job_id,
+            images=len(batch.items),
+            png_bytes=batch.png_bytes,
+        )

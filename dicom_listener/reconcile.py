@@ -18,7 +18,7 @@ import structlog
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from dicom_listener.spool import SUFFIX, Spool
+from dicom_listener.spool import Spool
 from pipeline.jobs import EMBED_QUEUE
 from pipeline.ledger import Ledger
 
@@ -60,7 +60,7 @@ def _reconcile_chunk(
 ) -> None:
     if not paths:
         return
-    uids = [path.name.removesuffix(SUFFIX) for path in paths]
+    uids = [Spool.uid_of(path) for path in paths]
     final = ledger.final(uids)
     job_ids = ledger.jobs_of(uids)
     known = sorted({jid for jid in job_ids if jid})

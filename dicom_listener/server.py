@@ -7,17 +7,26 @@ from typing import Any
 
 import redis
 import structlog
-from pynetdicom import AE, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from rq import Queue
 
 from dicom_listener.dispatcher import Dispatcher, DispatchLimits
-from dicom_listener.handlers import handle_accepted, handle_echo, handle_released, handle_store
+from dicom_listener.handlers import (
+    handle_accepted,
+    handle_conn_close,
+    handle_echo,
+    handle_rejected,
+    handle_released,
+    handle_store,
+)
 from dicom_listener.reconcile import reconcile
+from dicom_listener.sop_classes import accept_unknown, storage_sop_classes
 from dicom_listener.spool import Spool
+from pipeline import health
 from pipeline.convert import DECODABLE_TRANSFER_SYNTAXES
+from pipeline.intake import IntakeLog
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, enqueue_batch
 from pipeline.ledger import Ledger
 from pipeline.settings import Settings
@@ -27,6 +36,16 @@ log = structlog.get_logger(__name__)
 #: What we accept: every syntax the conversion decodes (uncompressed, deflated, big endian, JPEG,
 #: JPEG-LS, JPEG 2000, RLE), so nothing is accepted that would only be quarantined later.
 TRANSFER_SYNTAXES = list(DECODABLE_TRANSFER_SYNTAXES)
+
+
+def _any_uid(_value: object) -> tuple[bool, str]:
+    return True, ""
+
+
+# pynetdicom refuses a command whose UID is over 64 characters by aborting the association
+# without a response, logging the value three times. The C-STORE handler checks UIDs itself and
+# answers 0xC000 (and its log never quotes them), so pynetdicom's own check is turned off.
+_config.VALIDATORS["UI"] = _any_uid
 
 
 class Gate:
@@ -50,9 +69,9 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.listener.ae_title)
     ae.maximum_associations = settings.listener.max_associations
     ae.require_calling_aet = list(settings.listener.allowed_calling_aets)
-    for context in AllStoragePresentationContexts:
-        assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.require_called_aet = settings.listener.require_called_aet
+    for sop_class in storage_sop_classes():
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     return ae
 
@@ -65,6 +84,7 @@ class Listener:
         self.connection = connection
         self.spool = Spool(settings.spool_dir, settings.quarantine_dir)
         self.ledger = Ledger(connection)
+        self.intake = IntakeLog(connection)
         self.queue = Queue(EMBED_QUEUE, connection=connection)
         qs = settings.queue
         self.dispatcher = Dispatcher(
@@ -72,7 +92,7 @@ class Listener:
             ledger=self.ledger,
             enqueue=self._enqueue,
             queue_depth=lambda: self.queue.count,
-            options=settings.convert.options(),
+            options=settings.convert.options(body_part_aliases=settings.detect.body_part_aliases),
             limits=DispatchLimits(
                 batch_size=qs.batch_size,
                 batch_max_bytes=qs.batch_max_bytes,
@@ -81,6 +101,8 @@ class Listener:
                 in_flight=2 * settings.convert.processes,
             ),
             processes=settings.convert.processes,
+            log_settings=(settings.log.level, settings.log.format),
+            report=lambda report: health.publish(connection, "dispatcher", report),
         )
         self.gate = Gate(
             self.spool,
@@ -104,12 +126,16 @@ class Listener:
         self.dispatcher.start()
         lsn = self.settings.listener
         handlers: list[Any] = [
-            (evt.EVT_C_STORE, handle_store, [self.spool, self.gate, self._submit]),
+            (evt.EVT_C_STORE, handle_store, [self.spool, self.gate, self._submit, self.intake]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_ACCEPTED, handle_accepted),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.intake]),
+            (evt.EVT_REJECTED, handle_rejected, [self.intake]),
             (evt.EVT_RELEASED, handle_released),
             (evt.EVT_ABORTED, handle_released),
+            (evt.EVT_CONN_CLOSE, handle_conn_close, [self.intake]),
         ]
+        if lsn.accept_unknown_sop_classes:
+            handlers.append((evt.EVT_REQUESTED, accept_unknown, [TRANSFER_SYNTAXES]))
         self.server = build_ae(self.settings).start_server(
             (lsn.host, lsn.port), block=False, evt_handlers=handlers
         )

@@ -1,8 +1,13 @@
 """The spool: received instances on disk, exactly as they arrived. The source of truth.
 
-An instance is *acknowledged* only after ``write`` returns: bytes fsynced, renamed into place,
-directory entry fsynced. Files are named by SOP Instance UID (validated by the caller) in 256
-shard directories, so a million instances never share one directory.
+An instance is *acknowledged* only after ``write`` returns: bytes fsynced, linked into place,
+directory entry fsynced. Files are named by SOP Instance UID (checked safe by the caller, and
+hex-encoded unless conformant: :func:`pipeline.uids.file_stem`) in 256 shard directories, so a
+million instances never share one directory.
+
+The final name is created with ``link``, which fails when the name exists: of several
+associations sending the same instance at once exactly one writes it and hands it on, the others
+are acknowledged as resends.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import SpoolError
+from pipeline.uids import file_stem, from_file_stem
 
 SUFFIX = ".dcm"
 
@@ -47,13 +53,22 @@ class Spool:
 
     def path_for(self, sop_uid: str) -> Path:
         shard = hashlib.sha1(sop_uid.encode("ascii"), usedforsecurity=False).hexdigest()[:2]
-        return self.root / shard / f"{sop_uid}{SUFFIX}"
+        return self.root / shard / f"{file_stem(sop_uid)}{SUFFIX}"
+
+    @staticmethod
+    def uid_of(path: Path) -> str:
+        """The SOP Instance UID a spool or quarantine file is named after."""
+        return from_file_stem(path.name.removesuffix(SUFFIX))
 
     def contains(self, sop_uid: str) -> bool:
         return self.path_for(sop_uid).is_file()
 
-    def write(self, sop_uid: str, data: bytes) -> Path:
-        """Durably store ``data``: temp file, fsync, rename, fsync the directory."""
+    def write(self, sop_uid: str, data: bytes) -> Path | None:
+        """Durably store ``data``: temp file, fsync, link into place, fsync the directory.
+
+        Returns the path, or None when the instance was already spooled (a resend, or the same
+        instance arriving on another association at the same moment): the first copy stands.
+        """
         final = self.path_for(sop_uid)
         try:
             fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
@@ -62,10 +77,12 @@ class Spool:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-                os.replace(tmp_name, final)
-            except BaseException:
+                try:
+                    os.link(tmp_name, final)
+                except FileExistsError:
+                    return None
+            finally:
                 Path(tmp_name).unlink(missing_ok=True)
-                raise
             _fsync_dir(final.parent)
         except OSError as exc:
             raise SpoolError(f"cannot spool {sop_uid}: {exc.strerror or exc}") from exc
@@ -88,12 +105,21 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def quarantine(self, sop_uid: str, source: Path, reason: str) -> Path:
+    def _quarantine_paths(self, sop_uid: str) -> tuple[Path, Path]:
+        stem = file_stem(sop_uid)
+        return self.quarantine_root / f"{stem}{SUFFIX}", self.quarantine_root / f"{stem}.json"
+
+    def quarantine(self, sop_uid: str, source: Path, reason: str, detail: str = "") -> Path:
         """Move an instance out of the spool with its reason beside it, durably."""
-        target = self.quarantine_root / f"{sop_uid}{SUFFIX}"
-        note = self.quarantine_root / f"{sop_uid}.json"
+        target, note = self._quarantine_paths(sop_uid)
+        record = {
+            "sop_instance_uid": sop_uid,
+            "reason": reason,
+            "detail": detail,
+            "at": time.time(),
+        }
         with open(note, "w", encoding="utf-8") as handle:
-            json.dump({"sop_instance_uid": sop_uid, "reason": reason, "at": time.time()}, handle)
+            json.dump(record, handle)
             handle.flush()
             os.fsync(handle.fileno())
         if source.exists():
@@ -101,6 +127,18 @@ class Spool:
             _fsync_dir(source.parent)
         _fsync_dir(self.quarantine_root)
         return target
+
+    def release(self, sop_uid: str) -> bool:
+        """Forget a quarantined copy that a resend of the instance supersedes; True if there was
+        one. The resend is spooled first, so the instance is never in neither place."""
+        removed = False
+        for path in self._quarantine_paths(sop_uid):
+            if path.exists():
+                path.unlink()
+                removed = True
+        if removed:
+            _fsync_dir(self.quarantine_root)
+        return removed
 
     def quarantined(self) -> int:
         return sum(1 for _ in self.quarantine_root.glob(f"*{SUFFIX}"))

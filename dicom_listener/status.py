@@ -46,11 +46,13 @@ class OutOfResources(Refused):
     status = StoreStatus.OUT_OF_RESOURCES
 
 
-def status_for(exc: BaseException) -> StoreStatus:
-    """Map an exception from the C-STORE path to the status the sender gets."""
+def status_for(exc: BaseException) -> tuple[StoreStatus, str]:
+    """Map an exception from the C-STORE path to the status the sender gets, and its reason."""
     if isinstance(exc, Refused):
-        return exc.status
-    if isinstance(exc, SpoolError | OSError | MemoryError):
-        return StoreStatus.OUT_OF_RESOURCES
+        return exc.status, exc.reason
+    if isinstance(exc, SpoolError):
+        return StoreStatus.OUT_OF_RESOURCES, str(exc)
+    if isinstance(exc, OSError | MemoryError):
+        return StoreStatus.OUT_OF_RESOURCES, f"out of resources: {type(exc).__name__}"
     # Anything unexpected: we could not process it; the sender may retry. Never a crash.
-    return StoreStatus.OUT_OF_RESOURCES
+    return StoreStatus.OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"

@@ -177,7 +177,12 @@ def _convert(args: argparse.Namespace, settings: Settings) -> int:
 
     # The daemon's own options and code path; only the final resize can be left out.
     try:
-        image = convert_file(args.input, settings.convert.options(native_size=args.native_size))
+        image = convert_file(
+            args.input,
+            settings.convert.options(
+                native_size=args.native_size, body_part_aliases=settings.detect.body_part_aliases
+            ),
+        )
     except SkippedError as exc:
         print(f"pacs-embed: skipped, nothing written: {exc}", file=sys.stderr)
         return 3

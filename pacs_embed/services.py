@@ -44,9 +44,10 @@ def admin_server(settings: Settings, connection: redis.Redis) -> AdminServer:
         return (200 if all(checks.values()) else 503), dict(checks)
 
     fleet = metrics_collector(settings, connection)
+    intake = metrics.IntakeCollector(connection)
 
     def metrics_route(_query: dict[str, str]) -> tuple[int, Text]:
-        return 200, Text(metrics.render(fleet), metrics.CONTENT_TYPE)
+        return 200, Text(metrics.render(fleet, intake), metrics.CONTENT_TYPE)
 
     return AdminServer(
         settings.admin.host,

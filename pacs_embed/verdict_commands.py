@@ -125,7 +125,9 @@ def _embed_file(path: Path, settings: Settings, connection: redis.Redis) -> Any:
     from pipeline.convert import convert_file
     from workers.main import build_client
 
-    image = convert_file(path, settings.convert.options())
+    image = convert_file(
+        path, settings.convert.options(body_part_aliases=settings.detect.body_part_aliases)
+    )
     with build_client(_with_local_endpoint(settings), connection) as client:
         vectors = client.embed_images(list(image.pngs))
     return np.asarray(vectors, dtype=np.float64).mean(axis=0)

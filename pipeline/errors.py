@@ -9,6 +9,7 @@ embed job, the CLI) maps it in one place: to a DICOM status, to "retry" or to "q
     ├── ConversionError              this object cannot become a PNG; permanent -> quarantine
     ├── SkippedError                 deliberately not embedded; final state "skipped" + reason
     │   ├── NoPixelDataError         SR, KOS, presentation state...: nothing to embed
+    │   ├── NotEmbeddedError         not an image by Modality or SOP Class (SEG, RT Dose...)
     │   └── NotSampledError          left out by the modality's series sampling policy
     └── EndpointError                the MedImageInsight endpoint did not give us embeddings
         ├── TransientEndpointError   408/429/5xx, timeouts, refused connections, a 2xx body
@@ -37,8 +38,15 @@ class SpoolError(PacsEmbedError):
 class ConversionError(PacsEmbedError):
     """An image object cannot be turned into the endpoint's PNG input.
 
-    The message is precise enough to be the quarantine reason an operator reads.
+    The message is one human-readable line, the quarantine reason an operator reads (e.g. "JPEG
+    Extended 12-bit: no decoder could read the stream"); ``detail`` holds what only a developer
+    needs (each decoder's own error), shown apart from the reason. Neither may quote a value
+    from the data set: they end up in logs and Redis.
     """
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class SkippedError(PacsEmbedError):
@@ -51,6 +59,10 @@ class SkippedError(PacsEmbedError):
 
 class NoPixelDataError(SkippedError):
     """The object has no pixel data (SR, KOS, presentation state, ...), so nothing to embed."""
+
+
+class NotEmbeddedError(SkippedError):
+    """The object's Modality or SOP Class is not one to embed (``convert.embed_modalities``)."""
 
 
 class NotSampledError(SkippedError):

@@ -1,30 +1,92 @@
-"""Where every instance stands, in Redis: received -> converted -> queued -> embedded | failed.
+"""Where every instance stands, in Redis: one current state each, plus cumulative counters.
+
+States are exclusive, so ``/status`` adds up: every received instance is in exactly one of
+
+    spooled -> converting -> queued -> embedded
+                          \\-> skipped     (not to be embedded: the reason says why)
+                          \\-> failed      (quarantined: the reason says why)
+
+``queued`` covers "converted and on its way": waiting for the rest of its batch, on the embed
+queue, or being embedded. A resend of a failed (quarantined) instance starts again at
+``spooled``, so a corrected resend clears the stale failure.
 
 The spool on the listener host is the truth about *what was received*; the ledger is the truth
 about *how far each instance got*. Losing the ledger's last second (Redis AOF fsyncs every second)
-only means redoing idempotent work, never losing an instance. Values are UIDs and reasons: no PHI.
+only means redoing idempotent work, never losing an instance. Values are UIDs, the few non-PHI
+header fields the workers need, and reasons: no PHI.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import redis
 
 PREFIX = "pe"
-RECEIVED = f"{PREFIX}:received"  # set of SOP UIDs acknowledged and picked up
-CONVERTED = f"{PREFIX}:converted"  # set
+RECEIVED = f"{PREFIX}:received"  # set: every SOP UID ever picked up from the spool
+SPOOLED = f"{PREFIX}:state:spooled"  # set
+CONVERTING = f"{PREFIX}:state:converting"  # set
+QUEUED = f"{PREFIX}:state:queued"  # set
 EMBEDDED = f"{PREFIX}:embedded"  # set
-SKIPPED = f"{PREFIX}:skipped"  # hash sop -> reason (no pixel data: nothing to embed)
-FAILED = f"{PREFIX}:failed"  # hash sop -> json {stage, reason, at}
+SKIPPED = f"{PREFIX}:skipped"  # hash sop -> reason
+FAILED = f"{PREFIX}:failed"  # hash sop -> json {stage, reason, detail, at}
+SKIPPED_RECENT = f"{PREFIX}:skipped:recent"  # zset sop -> time, for "most recent first"
+FAILED_RECENT = f"{PREFIX}:failed:recent"  # zset sop -> time
+COUNTERS = f"{PREFIX}:counters"  # hash: cumulative event counts, never decremented
+
+
+class State(StrEnum):
+    """An instance's current state; exactly one at a time."""
+
+    SPOOLED = "spooled"
+    CONVERTING = "converting"
+    QUEUED = "queued"
+    EMBEDDED = "embedded"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+FINAL_STATES = (State.EMBEDDED, State.SKIPPED, State.FAILED)
+
+
+class Stage(StrEnum):
+    """Where a failure happened."""
+
+    CONVERT = "convert"
+    EMBED = "embed"
+
+
+#: The Redis key holding each state's members; SKIPPED and FAILED are hashes (with a reason).
+STATE_KEYS: Mapping[State, str] = {
+    State.SPOOLED: SPOOLED,
+    State.CONVERTING: CONVERTING,
+    State.QUEUED: QUEUED,
+    State.EMBEDDED: EMBEDDED,
+    State.SKIPPED: SKIPPED,
+    State.FAILED: FAILED,
+}
+_HASH_STATES = (State.SKIPPED, State.FAILED)
+_RECENT = {State.SKIPPED: SKIPPED_RECENT, State.FAILED: FAILED_RECENT}
 
 
 def instance_key(sop_uid: str) -> str:
     return f"{PREFIX}:inst:{sop_uid}"
+
+
+def text(value: Any) -> str:
+    """A Redis reply (bytes) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def iso(at: float) -> str:
+    """A Unix time as ISO 8601 UTC, as operators read it."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -32,7 +94,32 @@ class Failure:
     sop_instance_uid: str
     stage: str
     reason: str
-    at: float
+    detail: str
+    at: str  # ISO 8601
+
+
+@dataclass(frozen=True)
+class Skip:
+    sop_instance_uid: str
+    reason: str
+    at: str  # ISO 8601
+
+
+def _enter(pipe: Any, uids: list[str], state: State, value: str | None = None) -> None:
+    """Queue the commands that move ``uids`` into ``state`` (out of every other one)."""
+    for other, key in STATE_KEYS.items():
+        if other == state:
+            continue
+        if other in _HASH_STATES:
+            pipe.hdel(key, *uids)
+            pipe.zrem(_RECENT[other], *uids)
+        else:
+            pipe.srem(key, *uids)
+    if state in _HASH_STATES:
+        pipe.hset(STATE_KEYS[state], mapping=dict.fromkeys(uids, value or ""))
+        pipe.zadd(_RECENT[state], dict.fromkeys(uids, time.time()))
+    else:
+        pipe.sadd(STATE_KEYS[state], *uids)
 
 
 class Ledger:
@@ -41,45 +128,59 @@ class Ledger:
     def __init__(self, connection: redis.Redis) -> None:
         self.redis = connection
 
-    def received(self, sop_uids: Iterable[str]) -> None:
+    def spooled(self, sop_uids: Iterable[str]) -> None:
+        """Acknowledged and waiting for conversion (also: a resend of a failed instance)."""
         uids = list(sop_uids)
         if uids:
-            self.redis.sadd(RECEIVED, *uids)
+            with self.redis.pipeline() as pipe:
+                pipe.sadd(RECEIVED, *uids)
+                _enter(pipe, uids, State.SPOOLED)
+                pipe.execute()
+
+    def converting(self, sop_uids: Iterable[str]) -> None:
+        uids = list(sop_uids)
+        if uids:
+            with self.redis.pipeline() as pipe:
+                _enter(pipe, uids, State.CONVERTING)
+                pipe.execute()
 
     def converted(self, sop_uid: str, fields: dict[str, str]) -> None:
         """Record conversion and the non-PHI header fields later stages report on."""
-        mapping: dict[Any, Any] = {**fields, "state": "converted"}
         with self.redis.pipeline() as pipe:
-            pipe.sadd(CONVERTED, sop_uid)
-            pipe.hset(instance_key(sop_uid), mapping=mapping)
+            _enter(pipe, [sop_uid], State.QUEUED)
+            pipe.hset(instance_key(sop_uid), mapping=fields)  # type: ignore[arg-type]
+            pipe.hincrby(COUNTERS, "converted", 1)
             pipe.execute()
 
     def queued(self, sop_uids: Iterable[str], job_id: str) -> None:
+        """The embed job that carries these instances."""
         with self.redis.pipeline() as pipe:
             for uid in sop_uids:
-                pipe.hset(instance_key(uid), mapping={"state": "queued", "job": job_id})
+                pipe.hset(instance_key(uid), "job", job_id)
             pipe.execute()
 
-    def failed(self, sop_uid: str, stage: str, reason: str) -> None:
-        record = json.dumps({"stage": stage, "reason": reason, "at": time.time()})
+    def failed(self, sop_uid: str, stage: Stage, reason: str, detail: str = "") -> None:
+        record = json.dumps({"stage": stage, "reason": reason, "detail": detail, "at": time.time()})
         with self.redis.pipeline() as pipe:
-            pipe.hset(FAILED, sop_uid, record)
-            pipe.hset(instance_key(sop_uid), mapping={"state": "failed"})
+            _enter(pipe, [sop_uid], State.FAILED, record)
+            pipe.hincrby(COUNTERS, f"failed_{stage}", 1)
             pipe.execute()
 
     def skipped(self, sop_uid: str, reason: str) -> None:
         with self.redis.pipeline() as pipe:
-            pipe.hset(SKIPPED, sop_uid, reason)
-            pipe.hset(instance_key(sop_uid), mapping={"state": "skipped"})
+            _enter(pipe, [sop_uid], State.SKIPPED, reason)
+            pipe.hincrby(COUNTERS, "skipped", 1)
             pipe.execute()
 
     def mark_embedded(self, pipe: Any, sop_uids: Iterable[str]) -> None:
         """Add the 'embedded' transition to a caller's transaction, so it lands with the vectors."""
         uids = list(sop_uids)
-        pipe.sadd(EMBEDDED, *uids)
-        pipe.hdel(FAILED, *uids)
-        for uid in uids:
-            pipe.hset(instance_key(uid), "state", "embedded")
+        _enter(pipe, uids, State.EMBEDDED)
+        pipe.hincrby(COUNTERS, "embedded", len(uids))
+
+    def count(self, event: str, n: int = 1) -> None:
+        """Bump a cumulative counter (e.g. ``resends``)."""
+        self.redis.hincrby(COUNTERS, event, n)
 
     def final(self, sop_uids: list[str]) -> list[bool]:
         """For each UID: has it reached a final state (embedded, failed or skipped)?"""
@@ -105,27 +206,56 @@ class Ledger:
             return [job.decode() if job else None for job in pipe.execute()]
 
     def counts(self) -> dict[str, int]:
+        """Instances by current state; ``received`` is their sum."""
+        with self.redis.pipeline() as pipe:
+            for state in State:
+                key = STATE_KEYS[state]
+                pipe.hlen(key) if state in _HASH_STATES else pipe.scard(key)
+            sizes = pipe.execute()
+        by_state = {str(state): int(size) for state, size in zip(State, sizes, strict=True)}
+        return {"received": sum(by_state.values()), **by_state}
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative event counts since the ledger began (``received`` = distinct instances)."""
         with self.redis.pipeline() as pipe:
             pipe.scard(RECEIVED)
-            pipe.scard(CONVERTED)
-            pipe.scard(EMBEDDED)
-            pipe.hlen(FAILED)
-            pipe.hlen(SKIPPED)
-            received, converted, embedded, failed, skipped = pipe.execute()
-        return {
-            "received": received,
-            "converted": converted,
-            "embedded": embedded,
-            "failed": failed,
-            "skipped": skipped,
-        }
+            pipe.hgetall(COUNTERS)
+            received, raw = pipe.execute()
+        counts = {text(k): int(v) for k, v in raw.items()}
+        return {"received": int(received), **dict(sorted(counts.items()))}
 
-    def failures(self, limit: int = 100) -> list[Failure]:
-        """Up to ``limit`` failures with their reasons, for /status and operators."""
+    def failures(self, limit: int = 100, offset: int = 0) -> list[Failure]:
+        """The most recent failures first, with their reasons, for /status and operators."""
+        uids = [text(u) for u in self.redis.zrevrange(FAILED_RECENT, offset, offset + limit - 1)]
+        if not uids:
+            return []
         out = []
-        for uid, raw in self.redis.hscan_iter(FAILED, count=limit):
+        for uid, raw in zip(uids, self.redis.hmget(FAILED, uids), strict=True):
+            if raw is None:
+                continue  # left the failed state between the two reads
             record = json.loads(raw)
-            out.append(Failure(uid.decode(), record["stage"], record["reason"], record["at"]))
-            if len(out) >= limit:
-                break
+            out.append(
+                Failure(
+                    uid,
+                    record["stage"],
+                    record["reason"],
+                    record.get("detail", ""),
+                    iso(record["at"]),
+                )
+            )
         return out
+
+    def skips(self, limit: int = 20) -> list[Skip]:
+        """The most recent skips first, with their reasons."""
+        pairs: list[tuple[bytes, float]] = self.redis.zrevrange(  # type: ignore[assignment]
+            SKIPPED_RECENT, 0, limit - 1, withscores=True
+        )
+        if not pairs:
+            return []
+        uids = [text(uid) for uid, _ in pairs]
+        reasons = self.redis.hmget(SKIPPED, uids)
+        return [
+            Skip(uid, text(reason), iso(at))
+            for uid, (_, at), reason in zip(uids, pairs, reasons, strict=True)
+            if reason is not None
+        ]

@@ -39,6 +39,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from pipeline.intake import IntakeLog
+from pipeline.ledger import Ledger
+
 log = structlog.get_logger(__name__)
 
 #: The hash every worker increments.
@@ -234,8 +237,34 @@ class FleetCollector(Collector):
         return total / (RATE_WINDOW_BUCKETS * RATE_BUCKET_SECONDS)
 
 
-def render(collector: Collector) -> bytes:
-    """Prometheus text exposition of ``collector`` alone (no process metrics of the admin)."""
+class IntakeCollector(Collector):
+    """Instances by current state, and what the listener refused or rejected, from Redis."""
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self._redis = connection
+
+    def collect(self) -> Iterator[Metric]:
+        states = GaugeMetricFamily(
+            "pacs_embed_instances", "Received instances by current state", labels=["state"]
+        )
+        for state, count in Ledger(self._redis).counts().items():
+            if state != "received":
+                states.add_metric([state], count)
+        yield states
+        events = CounterMetricFamily(
+            "pacs_embed_intake_events",
+            "Refused C-STOREs, rejected associations and presentation contexts, non-conformant "
+            "UIDs, by kind and reason",
+            labels=["kind", "reason"],
+        )
+        for (kind, reason), count in sorted(IntakeLog(self._redis).totals().items()):
+            events.add_metric([kind, reason], count)
+        yield events
+
+
+def render(*collectors: Collector) -> bytes:
+    """Prometheus text exposition of ``collectors`` alone (no process metrics of the admin)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    for collector in collectors:
+        registry.register(collector)
     return generate_latest(registry)

@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from pipeline.errors import ConfigError
+from pipeline.vocabulary import DEFAULT_EMBED_MODALITIES, DEFAULT_SKIP_SOP_CLASSES
 
 if TYPE_CHECKING:
     from pipeline.convert.options import ConvertOptions
@@ -51,6 +52,8 @@ class ListenerSettings(_Section):
     port: Port = 11112
     ae_title: str = "PACS_EMBED"
     allowed_calling_aets: list[str] = Field(default_factory=list)  # empty: any calling AE
+    require_called_aet: bool = True  # associations addressed to another AE title are rejected
+    accept_unknown_sop_classes: bool = False  # private/unknown storage classes (like Orthanc's)
     max_associations: int = Field(default=16, ge=1)
     min_free_disk_mb: int = Field(default=1024, ge=0)  # below: 0xA700, PACS retries later
     max_backlog: int = Field(default=20000, ge=1)  # unprocessed instances before 0xA700
@@ -92,6 +95,9 @@ class ConvertSettings(_Section):
     percentiles: tuple[float, float] = (0.5, 99.5)  # stretch when no VOI and no preset
     max_pixels: int = Field(default=200_000_000, ge=1)  # Rows x Columns x Frames
     max_decoded_bytes: int = Field(default=1 << 30, ge=1)
+    # Objects of other modalities, and of these SOP classes, end "skipped" with the reason.
+    embed_modalities: list[str] = Field(default_factory=lambda: [*DEFAULT_EMBED_MODALITIES])
+    skip_sop_classes: list[str] = Field(default_factory=lambda: [*DEFAULT_SKIP_SOP_CLASSES])
     modality: dict[str, ModalityConvertSettings] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -122,17 +128,23 @@ class ConvertSettings(_Section):
                     raise ValueError(f"{upper}.{key} is set twice, differently (codes ignore case)")
         return {code: ModalityConvertSettings(**rule) for code, rule in merged.items()}
 
-    def options(self, *, native_size: bool = False) -> ConvertOptions:
+    def options(
+        self, *, native_size: bool = False, body_part_aliases: dict[str, str] | None = None
+    ) -> ConvertOptions:
         """The pipeline's ConvertOptions; imported late so settings stay light to import."""
         from pipeline.convert.options import ConvertOptions, ModalityRule
 
         rules = tuple(
             (code, ModalityRule(**rule.model_dump())) for code, rule in self.modality.items()
         )
+        exclude = {"size", "processes", "modality", "embed_modalities", "skip_sop_classes"}
         return ConvertOptions(
             size=0 if native_size else self.size,
-            **self.model_dump(exclude={"size", "processes", "modality"}),
+            **self.model_dump(exclude=exclude),
             modalities=rules,
+            embed_modalities=tuple(code.strip().upper() for code in self.embed_modalities),
+            skip_sop_classes=tuple(self.skip_sop_classes),
+            body_part_aliases=tuple(sorted((body_part_aliases or {}).items())),
         )
 
 

@@ -8,9 +8,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
+
+if TYPE_CHECKING:
+    from tests.daemon import Daemon
 
 
 def free_port() -> int:
@@ -67,6 +71,17 @@ def redis_conn(redis_server: str) -> Iterator[redis.Redis]:
     yield client
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """`pacs-embed run` on its own state dir (not started); stopped at the end if it runs."""
+    from tests.daemon import Daemon  # tests.daemon imports this module: import late
+
+    d = Daemon(tmp_path / "var", tmp_path / "daemon.log", QUEUE__LINGER_SECONDS="0.3")
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.stop()
 
 
 @pytest.fixture

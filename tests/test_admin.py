@@ -10,7 +10,7 @@ import redis
 
 from pipeline.admin import status
 from pipeline.admin.server import AdminServer
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, Stage
 from tests.admin_http import get
 
 
@@ -41,24 +41,50 @@ def test_status_needs_the_token(server: AdminServer) -> None:
 
 
 def test_status_counts_instances(server: AdminServer, redis_conn: redis.Redis) -> None:
-    """/status reports the ledger's counts, queue depths and failures with reasons."""
+    """/status reports exclusive current states that add up to received, cumulative counters
+    apart, queue depths, and failures newest first with ISO 8601 times."""
     ledger = Ledger(redis_conn)
-    ledger.received(["1.2.3", "1.2.4"])
-    ledger.failed("1.2.4", "convert", "conversion: unsupported Bits Allocated 7")
+    ledger.spooled(["1.2.3", "1.2.4", "1.2.5", "1.2.6"])
+    ledger.converting(["1.2.4", "1.2.5", "1.2.6"])
+    ledger.failed("1.2.4", Stage.CONVERT, "unsupported Bits Allocated 7", "decoder said no")
+    ledger.converted("1.2.5", {"series": "1.2"})
+    ledger.skipped("1.2.6", "not an image to embed: Modality SEG (convert.embed_modalities)")
+    ledger.failed("1.2.6", Stage.CONVERT, "a later, second failure")
     code, doc = get(server, "/status", "t0ken")
     assert code == 200
     assert doc["instances"] == {
-        "received": 2,
-        "converted": 0,
+        "received": 4,
+        "spooled": 1,
+        "converting": 0,
+        "queued": 1,
         "embedded": 0,
-        "failed": 1,
         "skipped": 0,
+        "failed": 2,
+    }
+    assert doc["counters"] == {
+        "received": 4,
+        "converted": 1,
+        "failed_convert": 2,
+        "skipped": 1,
     }
     assert doc["queues"] == {
         "embed": {"queued": 0, "started": 0, "scheduled": 0, "failed": 0, "finished": 0}
     }
     failures = doc["failures"]
-    assert isinstance(failures, list) and failures[0]["reason"].endswith("Bits Allocated 7")
+    assert [f["sop_instance_uid"] for f in failures] == ["1.2.6", "1.2.4"]
+    assert failures[1]["reason"] == "unsupported Bits Allocated 7"
+    assert failures[1]["detail"] == "decoder said no" and failures[1]["at"].endswith("Z")
+    assert doc["skipped"] == {"recent": []}  # 1.2.6 left "skipped" when it failed
+
+
+def test_resend_clears_a_stale_failure(redis_conn: redis.Redis) -> None:
+    """A failed instance sent again is spooled anew: its failure no longer counts or shows."""
+    ledger = Ledger(redis_conn)
+    ledger.spooled(["1.2.3"])
+    ledger.failed("1.2.3", Stage.CONVERT, "truncated")
+    ledger.spooled(["1.2.3"])
+    assert ledger.counts()["failed"] == 0 and ledger.failures() == []
+    assert ledger.counts() == {**dict.fromkeys(ledger.counts(), 0), "received": 1, "spooled": 1}
 
 
 def test_unknown_path_404(server: AdminServer) -> None:

@@ -45,14 +45,6 @@ def export(daemon: Daemon, out: Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-@pytest.fixture
-def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
-    d = Daemon(tmp_path / "var", tmp_path / "daemon.log", QUEUE__LINGER_SECONDS="0.3")
-    yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.stop()
-
-
 def test_series_in_embeddings_out(daemon: Daemon, tmp_path: Path) -> None:
     """20 CT slices via storescu come out as 20 unit 1024-d vectors; a resend adds nothing."""
     paths, uids = write_series(tmp_path / "series")

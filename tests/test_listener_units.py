@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import threading
+import tracemalloc
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,13 +15,16 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from dicom_listener.handlers import handle_store
 from dicom_listener.spool import Spool
 from dicom_listener.status import StoreStatus, status_for
 from pipeline.errors import SpoolError
-from pipeline.uids import is_valid_uid, job_id
+from pipeline.intake import Event as IntakeEvent
+from pipeline.intake import Kind
+from pipeline.uids import is_safe_uid, is_valid_uid, job_id
 from tests import factory
 
 
@@ -37,13 +45,34 @@ class FakeEvent:
     assoc: Any = field(init=False)
 
     def __post_init__(self) -> None:
+        # What pynetdicom hands over: the data set without File Meta, and its syntax.
+        offset, syntax = 0, pydicom.uid.ExplicitVRLittleEndian
+        if self.data[128:132] == b"DICM":
+            offset = 144 + int.from_bytes(self.data[140:144], "little")
+            meta = pydicom.filereader._read_file_meta_info(io.BytesIO(self.data[132:offset]))
+            syntax = meta.TransferSyntaxUID
         self.request = SimpleNamespace(
-            AffectedSOPInstanceUID=self.sop_uid, AffectedSOPClassUID=self.sop_class
+            AffectedSOPInstanceUID=self.sop_uid,
+            AffectedSOPClassUID=self.sop_class,
+            DataSet=io.BytesIO(self.data[offset:]),
         )
-        self.assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="STORESCU"))
+        self.context = SimpleNamespace(transfer_syntax=syntax)
+        self.assoc = SimpleNamespace(
+            requestor=SimpleNamespace(ae_title="STORESCU", address="127.0.0.1")
+        )
 
     def encoded_dataset(self) -> bytes:
         return self.data
+
+
+class Intake:
+    """Collects what the handler records, as IntakeLog would in Redis."""
+
+    def __init__(self) -> None:
+        self.events: list[IntakeEvent] = []
+
+    def record(self, event: IntakeEvent) -> None:
+        self.events.append(event)
 
 
 class Open:
@@ -70,9 +99,17 @@ def ct() -> pydicom.Dataset:
     )
 
 
-def store(event: FakeEvent, spool: Spool, gate: Open | None = None) -> tuple[int, list[Path]]:
+def store(
+    event: FakeEvent, spool: Spool, gate: Open | None = None, intake: Intake | None = None
+) -> tuple[int, list[Path]]:
     submitted: list[Path] = []
-    status = handle_store(event, spool, gate or Open(), submitted.append)  # type: ignore[arg-type]
+    status = handle_store(
+        event,  # type: ignore[arg-type]
+        spool,
+        gate or Open(),
+        submitted.append,
+        intake or Intake(),  # type: ignore[arg-type]
+    )
     return status, submitted
 
 
@@ -94,12 +131,99 @@ def test_resent_instance_is_acknowledged_not_resubmitted(spool: Spool, ct: pydic
     assert status == StoreStatus.SUCCESS and submitted == []
 
 
-@pytest.mark.parametrize("bad_uid", ["", None, "1.2.03", "1..2", "x.y", "1." + "2" * 70])
-def test_invalid_uid_cannot_understand(spool: Spool, ct: pydicom.Dataset, bad_uid: Any) -> None:
-    """A missing or malformed Affected SOP Instance UID is 0xC000 and nothing is written."""
-    status, submitted = store(FakeEvent(encode(ct), bad_uid, ct.SOPClassUID), spool)
+UNSAFE_UIDS = ["", None, "1.2/../3", "..", "1.2\\3.4", "1.2.3\x00", "1.2.\u00e93", "1." + "2" * 70]
+
+
+@pytest.mark.parametrize("bad_uid", UNSAFE_UIDS)
+def test_unsafe_uid_cannot_understand(spool: Spool, ct: pydicom.Dataset, bad_uid: Any) -> None:
+    """A missing or unsafe Affected SOP Instance UID is 0xC000, recorded, and nothing written."""
+    intake = Intake()
+    status, submitted = store(FakeEvent(encode(ct), bad_uid, ct.SOPClassUID), spool, None, intake)
     assert status == StoreStatus.CANNOT_UNDERSTAND == 0xC000
     assert submitted == [] and list(spool.walk()) == []
+    [event] = intake.events
+    assert event.kind == Kind.REFUSED and event.status == "0xC000"
+    assert event.reason.startswith("Affected SOP Instance UID is ")
+    assert event.calling_ae == "STORESCU" and event.sop_class_uid == ct.SOPClassUID
+
+
+@pytest.mark.parametrize("odd_uid", ["1.2.03", "1..2", "x.y", "a1b2" * 16, "1.2.3-4_5"])
+def test_nonconformant_but_safe_uid_is_accepted(
+    spool: Spool, ct: pydicom.Dataset, odd_uid: str
+) -> None:
+    """A UID that breaks the UI grammar but is safe is stored (the PACS stored it), counted, and
+    never names a file as is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the grammar: that is the point
+        ct.SOPInstanceUID = odd_uid
+        ct.file_meta.MediaStorageSOPInstanceUID = odd_uid
+        data = encode(ct)
+    intake = Intake()
+    status, submitted = store(FakeEvent(data, odd_uid, ct.SOPClassUID), spool, None, intake)
+    assert status == StoreStatus.SUCCESS and len(submitted) == 1
+    assert [e.kind for e in intake.events] == [Kind.NONCONFORMANT_UID]
+    assert odd_uid not in submitted[0].name and Spool.uid_of(submitted[0]) == odd_uid
+    assert spool.contains(odd_uid)
+
+
+def test_concurrent_sends_of_one_instance_are_handed_on_once(
+    spool: Spool, ct: pydicom.Dataset
+) -> None:
+    """Twelve associations sending the same instance at once: all acknowledged, one converted."""
+    event = FakeEvent(encode(ct), ct.SOPInstanceUID, ct.SOPClassUID)
+    submitted: list[Path] = []
+    barrier = threading.Barrier(12)
+
+    def send() -> int:
+        barrier.wait()
+        return int(handle_store(event, spool, Open(), submitted.append, Intake()))  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda _i: send(), range(12)))
+    assert statuses == [StoreStatus.SUCCESS] * 12
+    assert submitted == [spool.path_for(ct.SOPInstanceUID)]
+
+
+def test_resend_of_a_quarantined_instance_supersedes_it(spool: Spool, ct: pydicom.Dataset) -> None:
+    """A corrected resend is accepted and processed again; the stale quarantined copy goes."""
+    event = FakeEvent(encode(ct), ct.SOPInstanceUID, ct.SOPClassUID)
+    [path] = store(event, spool)[1]
+    spool.quarantine(ct.SOPInstanceUID, path, "conversion: bad")
+    assert spool.quarantined() == 1
+    status, submitted = store(event, spool)
+    assert status == StoreStatus.SUCCESS and submitted == [path]
+    assert spool.quarantined() == 0 and list(spool.quarantine_root.iterdir()) == []
+
+
+def test_deflate_bomb_is_not_inflated_by_the_handler(spool: Spool, ct: pydicom.Dataset) -> None:
+    """A deflated data set that inflates to 256 MiB costs the handler kilobytes, not gigabytes."""
+    ct.PixelData = b"\0" * 32 * 32 * 2
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    ct.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    pydicom.filewriter.write_dataset(head, ct)
+    # An element of 1 GiB of zeros after the real ones, deflated (about 1 MB on the wire).
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunks = [
+        compressor.compress(
+            head.getvalue() + b"\x09\x00\x10\x10OB\0\0" + (1 << 28).to_bytes(4, "little")
+        )
+    ]
+    zeros = b"\0" * (1 << 20)
+    chunks += [compressor.compress(zeros) for _ in range(256)]
+    chunks.append(compressor.flush())
+    meta = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(meta, ct.file_meta, enforce_standard=True)
+    data = b"\0" * 128 + b"DICM" + meta.getvalue() + b"".join(chunks)
+    assert len(data) < 2_000_000
+    tracemalloc.start()
+    try:
+        status, submitted = store(FakeEvent(data, ct.SOPInstanceUID, ct.SOPClassUID), spool)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == StoreStatus.SUCCESS and len(submitted) == 1  # conversion refuses it later
+    assert peak < 3 * len(data) + 1_000_000
 
 
 def test_unparseable_dataset_cannot_understand(spool: Spool, ct: pydicom.Dataset) -> None:
@@ -133,7 +257,7 @@ def test_spool_failure_out_of_resources(spool: Spool, ct: pydicom.Dataset) -> No
     spool.tmp.rmdir()  # mkstemp now fails
     status, submitted = store(FakeEvent(encode(ct), ct.SOPInstanceUID, ct.SOPClassUID), spool)
     assert status == StoreStatus.OUT_OF_RESOURCES and submitted == []
-    assert status_for(SpoolError("x")) == StoreStatus.OUT_OF_RESOURCES
+    assert status_for(SpoolError("x")) == (StoreStatus.OUT_OF_RESOURCES, "x")
 
 
 def test_our_codes_are_failures_in_pynetdicoms_storage_table() -> None:
@@ -163,10 +287,19 @@ def test_quarantine_keeps_the_reason(spool: Spool) -> None:
     assert spool.quarantined() == 1
 
 
+@pytest.mark.parametrize("series", ["1.2.3/../4", "1.2.3\\4.5.6", "a b", "x" * 64])
+def test_job_ids_never_carry_raw_header_text(series: str) -> None:
+    """Whatever the Series UID holds, the job id is rq-safe and stable (the wedge of issue 8)."""
+    jid = job_id("embed", series, ["1.2.3.4"])
+    assert set(jid) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+    assert jid == job_id("embed", series, ["1.2.3.4"]) and series not in jid
+
+
 def test_uid_validation_and_job_ids() -> None:
     """UIDs are checked per PS3.5; job ids use only rq's [A-Za-z0-9_-] and name the set."""
     assert is_valid_uid("1.2.840.10008.1.1")
     assert not is_valid_uid("1.2.840.10008.1.1 ")
+    assert is_safe_uid("0A1B" * 16) and not is_safe_uid("1.2/3") and not is_safe_uid("1" * 65)
     jid = job_id("embed", "1.2.3", ["1.2.3.4", "1.2.3.5"])
     assert jid.startswith("embed-1-2-3-")
     assert set(jid) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")

@@ -21,7 +21,7 @@ from pipeline.detect.detector import Detector
 from pipeline.detect.verdict import InstanceVerdict
 from pipeline.errors import PermanentEndpointError
 from pipeline.jobs import EmbedBatch, ImageItem
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, Stage
 from pipeline.store import Embedded, EmbeddingStore
 
 log = structlog.get_logger(__name__)
@@ -131,7 +131,7 @@ class EmbedService:
     def _fail(self, items: list[ImageItem], exc: Exception) -> None:
         reason = f"endpoint: {exc}"
         for item in items:
-            self.ledger.failed(item.sop_instance_uid, "embed", reason)
+            self.ledger.failed(item.sop_instance_uid, Stage.EMBED, reason)
         log.warning(
             "embed.quarantined",
             images=len(items),

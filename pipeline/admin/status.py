@@ -10,6 +10,8 @@ from typing import Any
 import redis
 from rq import Queue, Worker
 
+from pipeline import health
+from pipeline.intake import IntakeLog
 from pipeline.jobs import EMBED_QUEUE
 from pipeline.ledger import Ledger
 
@@ -33,12 +35,19 @@ def workers(connection: redis.Redis) -> list[dict[str, Any]]:
 
 
 def gather(connection: redis.Redis, spool_dir: Path, quarantine_dir: Path) -> dict[str, Any]:
+    """``instances``: current states, adding up to ``received``; ``counters``: cumulative event
+    counts; ``input``: what the listener refused or rejected; ``failures`` and ``skipped``: the
+    most recent first."""
     ledger = Ledger(connection)
     return {
         "instances": ledger.counts(),
+        "counters": ledger.counters(),
+        "input": IntakeLog(connection).summary(),
         "queues": {EMBED_QUEUE: queue_depths(connection)},
         "workers": workers(connection),
+        "dispatchers": health.reports(connection, "dispatcher"),
         "failures": [asdict(failure) for failure in ledger.failures(limit=50)],
+        "skipped": {"recent": [asdict(skip) for skip in ledger.skips(limit=20)]},
         "spool": {
             "free_bytes": shutil.disk_usage(spool_dir).free if spool_dir.exists() else None,
             "quarantined": sum(1 for _ in quarantine_dir.glob("*.dcm"))
@@ -49,10 +58,12 @@ def gather(connection: redis.Redis, spool_dir: Path, quarantine_dir: Path) -> di
 
 
 def ready(connection: redis.Redis, spool_dir: Path) -> dict[str, bool]:
-    """What /readyz checks: Redis answers, the spool is writable."""
-    checks = {"redis": False, "spool_writable": False}
+    """What /readyz checks: Redis answers, the spool is writable, no dispatcher is stuck."""
+    checks = {"redis": False, "spool_writable": False, "dispatcher": False}
     try:
         checks["redis"] = bool(connection.ping())
+        reports = health.reports(connection, "dispatcher").values()
+        checks["dispatcher"] = all(report.get("ok") for report in reports)
     except redis.RedisError:
         pass
     probe = spool_dir / "tmp" / ".readyz"

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import Decoder
 
-from pipeline.convert import decode, header, pixels, png
+from pipeline.convert import decode, fields, header, pixels, png
 from pipeline.convert.options import (
     ConvertedImage,
     ConvertOptions,
@@ -92,9 +92,9 @@ def to_u8(
 
 def _render(
     ds: Dataset, decoder: Decoder | None, frame: int, options: ConvertOptions
-) -> npt.NDArray[np.uint8]:
-    stored, bits_stored = decode.decode_frame(ds, decoder, frame)
-    return to_u8(ds, stored, frame, options, bits_stored)
+) -> tuple[npt.NDArray[np.uint8], str]:
+    stored, bits_stored, plugin = decode.decode_frame_with_plugin(ds, decoder, frame)
+    return to_u8(ds, stored, frame, options, bits_stored), plugin
 
 
 def render_frame(
@@ -106,23 +106,35 @@ def render_frame(
     """
     options = _resolve(ds, options)
     decoder = decode.check(ds, options.max_pixels, options.max_decoded_bytes, 1)
-    return _render(ds, decoder, frame, options)
+    return _render(ds, decoder, frame, options)[0]
 
 
-def _frames_and_pngs(ds: Dataset, options: ConvertOptions) -> tuple[list[int], list[bytes]]:
-    """The selected frames and their PNGs; every unexpected failure becomes ConversionError."""
+def _frames_and_pngs(ds: Dataset, options: ConvertOptions) -> tuple[list[int], list[bytes], str]:
+    """The selected frames, their PNGs and the plugin(s) that decoded them.
+
+    Every unexpected failure becomes a ConversionError: a short reason, the exception's text
+    in ``detail``.
+    """
     try:
         options = _resolve(ds, options)
         frames = select_frames(decode.frame_count(ds), options.frame_policy, options.frame_param)
         decoder = decode.check(ds, options.max_pixels, options.max_decoded_bytes, len(frames))
-        return frames, [png.encode(_render(ds, decoder, f, options), options.size) for f in frames]
+        pngs: list[bytes] = []
+        plugins: list[str] = []
+        for f in frames:
+            image, plugin = _render(ds, decoder, f, options)
+            pngs.append(png.encode(image, options.size))
+            plugins.append(plugin)
+        return frames, pngs, ",".join(dict.fromkeys(plugins))
     except PacsEmbedError:
         raise
     except MemoryError:
         raise  # not this object's fault: let the pool see it and retry later
     except Exception as exc:
-        detail = " ".join(str(exc).split())  # one line: it becomes a quarantine reason
-        raise ConversionError(f"cannot convert pixel data: {type(exc).__name__}: {detail}") from exc
+        raise ConversionError(
+            f"cannot convert pixel data (unexpected {type(exc).__name__}, see detail)",
+            detail=" ".join(f"{type(exc).__name__}: {exc}".split()),  # one line
+        ) from exc
 
 
 def to_png(ds: Dataset, options: ConvertOptions = _DEFAULT_OPTIONS) -> list[bytes]:
@@ -155,8 +167,10 @@ def convert_file(
     sop_instance_uid = _str(ds, "SOPInstanceUID")
     if not sop_instance_uid:
         raise ConversionError("no SOP Instance UID")
-    resolved = _resolve(ds, options)
-    if decode.has_pixel_data(ds):
+    identity = fields.identity_of(ds, options)
+    resolved = options.for_modality(identity.modality)
+    if decode.has_pixel_data(ds):  # without, conversion says why: "no Pixel Data (...)"
+        fields.check_embeddable(identity, options)
         reason = series_skip_reason(
             _optional_int(ds, "InstanceNumber"),
             _optional_int(ds, "ImagesInAcquisition"),
@@ -165,14 +179,15 @@ def convert_file(
         )
         if reason is not None:
             raise NotSampledError(reason)
-    frames, pngs = _frames_and_pngs(ds, resolved)
+    frames, pngs, decoder = _frames_and_pngs(ds, resolved)
     return ConvertedImage(
         sop_instance_uid=sop_instance_uid,
-        study_instance_uid=_str(ds, "StudyInstanceUID"),
-        series_instance_uid=_str(ds, "SeriesInstanceUID"),
-        sop_class_uid=_str(ds, "SOPClassUID"),
-        modality=_str(ds, "Modality"),
-        body_part=_str(ds, "BodyPartExamined"),
+        study_instance_uid=identity.study_instance_uid,
+        series_instance_uid=identity.series_instance_uid,
+        sop_class_uid=identity.sop_class_uid,
+        modality=identity.modality,
+        body_part=identity.body_part,
         frames=tuple(frames),
         pngs=tuple(pngs),
+        decoder=decoder,
     )

@@ -77,15 +77,20 @@ def check_inflated_size(deflated: memoryview, limit: int) -> None:
         while not inflater.eof:
             # max_length bounds each output; input it could not use waits in the tail
             data = inflater.unconsumed_tail or deflated[position : position + _INFLATE_CHUNK]
-            if not data:
-                break
             if not inflater.unconsumed_tail:
                 position += len(data)
-            total += len(inflater.decompress(data, _INFLATE_CHUNK))
+            inflated = len(inflater.decompress(data, _INFLATE_CHUNK))  # b"": flush what is held
+            total += inflated
             if total > limit:
                 raise ConversionError(
                     f"Deflated data set inflates to more than {limit} bytes "
                     "(max_decoded_bytes): refused as a decompression bomb"
                 )
+            if not data and not inflated:
+                break  # input used up, nothing held back: the stream has no end
     except zlib.error as exc:
         raise ConversionError(f"Deflated data set is corrupt: {exc}") from exc
+    if not inflater.eof:
+        raise ConversionError(
+            "data set is truncated: the Deflated stream ends before its end marker"
+        )

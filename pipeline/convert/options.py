@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
+from pipeline.vocabulary import DEFAULT_EMBED_MODALITIES, DEFAULT_SKIP_SOP_CLASSES
 
 #: Output side in pixels: the MedImageInsight endpoint resizes every image to exactly 512x512,
 #: so sending that size saves bandwidth without changing what the model sees.
@@ -100,6 +101,11 @@ class ConvertOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     modalities: tuple[tuple[str, ModalityRule], ...] = ()
+    embed_modalities: tuple[str, ...] = DEFAULT_EMBED_MODALITIES
+    skip_sop_classes: tuple[str, ...] = DEFAULT_SKIP_SOP_CLASSES
+    #: The site's Body Part Examined spellings (``detect.body_part_aliases``), so a body part
+    #: leaves the listener host already normalised.
+    body_part_aliases: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.size is not None and self.size < 0:
@@ -122,6 +128,9 @@ class ConvertOptions:
                 raise ConfigError(f"convert modality {name!r} must be an upper-case code like CT")
         if len(set(names)) != len(names):
             raise ConfigError(f"convert modalities are listed twice: {sorted(names)}")
+        for code in self.embed_modalities:
+            if not code or code != code.strip().upper() or len(code) > 16:
+                raise ConfigError(f"convert embed_modalities: {code!r} is not a code like CT")
 
     def for_modality(self, modality: str) -> ConvertOptions:
         """These options with the rule of ``modality`` (if any) applied, and no rules left."""
@@ -148,6 +157,9 @@ class ConvertedImage:
     body_part: str
     frames: tuple[int, ...]
     pngs: tuple[bytes, ...]
+    #: The plugin that decoded the pixels ("pylibjpeg", "pillow", "gdcm", ...; "native" when
+    #: uncompressed); frames decoded by different plugins list each once, comma-separated.
+    decoder: str = ""
 
 
 def select_frames(n_frames: int, policy: str, param: int = 1) -> list[int]:

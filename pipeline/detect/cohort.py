@@ -11,96 +11,21 @@ hash tag ``{...}``) and in file names.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-#: What an empty or unreadable field becomes: images without a body part are peers of each
-#: other (a cohort of their own), never of an arbitrary other cohort.
-UNKNOWN = "UNKNOWN"
+from pipeline.vocabulary import (
+    UNKNOWN,
+    normalise_body_part,
+    normalise_modality,
+    normalise_view,
+)
+
+__all__ = ["FIELDS", "UNKNOWN", "CohortRule", "normalise_body_part", "normalise_modality"]
+
 
 #: The header fields a cohort key can be built from, in key order.
 FIELDS = ("modality", "body_part", "view")
-
-#: Common vendor spellings -> the DICOM defined term (PS3.16 CID 4031) used as the cohort name.
-#: Keys are already upper-cased with runs of non-alphanumerics replaced by "_".
-BODY_PART_ALIASES: Mapping[str, str] = {
-    "THORAX": "CHEST",
-    "THX": "CHEST",
-    "TORAX": "CHEST",
-    "TORACE": "CHEST",
-    "LUNG": "CHEST",
-    "LUNGS": "CHEST",
-    "CHEST_PA": "CHEST",
-    "CHEST_AP": "CHEST",
-    "CHEST_LAT": "CHEST",
-    "THORAX_PA": "CHEST",
-    "THORAX_AP": "CHEST",
-    "PA_CHEST": "CHEST",
-    "CXR": "CHEST",
-    "BRAIN": "HEAD",
-    "SKULL": "HEAD",
-    "CRANIUM": "HEAD",
-    "SCHAEDEL": "HEAD",
-    "ABD": "ABDOMEN",
-    "ABDOMEN_PELVIS": "ABDOMENPELVIS",
-    "ABD_PELVIS": "ABDOMENPELVIS",
-    "C_SPINE": "CSPINE",
-    "T_SPINE": "TSPINE",
-    "L_SPINE": "LSPINE",
-    "CERVICAL_SPINE": "CSPINE",
-    "THORACIC_SPINE": "TSPINE",
-    "LUMBAR_SPINE": "LSPINE",
-    "MAMMA": "BREAST",
-}
-
-#: ViewPosition spellings -> one term per projection.
-VIEW_ALIASES: Mapping[str, str] = {
-    "LATERAL": "LAT",
-    "LL": "LAT",
-    "RL": "LAT",
-    "LLD": "LAT",
-    "RLD": "LAT",
-    "POSTERO_ANTERIOR": "PA",
-    "ANTERO_POSTERIOR": "AP",
-}
-
-_NOT_ALNUM = re.compile(r"[^A-Z0-9]+")
-
-
-def _token(value: str | None) -> str:
-    """Upper-cased, runs of anything but A-Z/0-9 collapsed to one ``_``, trimmed."""
-    return _NOT_ALNUM.sub("_", str(value or "").strip().upper()).strip("_")
-
-
-def normalise_modality(value: str | None) -> str:
-    """``ct `` -> ``CT``; empty -> ``UNKNOWN``. Modality is a defined term: no aliases."""
-    return _token(value).replace("_", "") or UNKNOWN
-
-
-def normalise_body_part(value: str | None, extra: Mapping[str, str] | None = None) -> str:
-    """``Chest``, ``THORAX``, ``chest pa`` -> ``CHEST``; empty -> ``UNKNOWN``.
-
-    ``extra`` (from ``detect.body_part_aliases``) is consulted before the built-in table, so a
-    site can fix its own vendors' spellings without a release.
-    """
-    token = _token(value)
-    if not token:
-        return UNKNOWN
-    for table in (_normalised_keys(extra or {}), BODY_PART_ALIASES):
-        if token in table:
-            return _token(table[token]) or UNKNOWN
-    return token
-
-
-def normalise_view(value: str | None) -> str:
-    """``Lateral``, ``LL`` -> ``LAT``; ``pa`` -> ``PA``; empty -> ``UNKNOWN``."""
-    token = _token(value)
-    return VIEW_ALIASES.get(token, token) or UNKNOWN
-
-
-def _normalised_keys(table: Mapping[str, str]) -> dict[str, str]:
-    return {_token(key): value for key, value in table.items()}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,51 @@
+"""Process health in Redis, so an admin on another process (or host) can see a stuck stage.
+
+A process publishes a small report every few seconds under a key that expires; the admin reads
+them all. A report says whether the process's loop is making progress (``ok``) and, if not, for
+how long and with which exception type — never a message text, which could quote data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+import redis
+import structlog
+
+from pipeline.ledger import PREFIX, text
+
+log = structlog.get_logger(__name__)
+
+#: How long a report stands without being renewed: a few publish intervals.
+TTL_SECONDS = 15
+
+
+def health_key(component: str, name: str) -> str:
+    return f"{PREFIX}:health:{component}:{name}"
+
+
+def process_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def publish(connection: redis.Redis, component: str, report: dict[str, Any]) -> None:
+    """Renew this process's report; a Redis outage is only logged (it shows as no report)."""
+    try:
+        connection.set(health_key(component, process_name()), json.dumps(report), ex=TTL_SECONDS)
+    except redis.RedisError as exc:
+        log.debug("health.unpublished", component=component, error=type(exc).__name__)
+
+
+def reports(connection: redis.Redis, component: str) -> dict[str, dict[str, Any]]:
+    """Every live report of ``component``, by process name."""
+    keys = sorted(connection.scan_iter(match=health_key(component, "*")))
+    values = connection.mget(keys) if keys else []
+    prefix = health_key(component, "")
+    return {
+        text(key).removeprefix(prefix): json.loads(value)
+        for key, value in zip(keys, values, strict=True)
+        if value is not None
+    }
