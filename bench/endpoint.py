@@ -39,8 +39,7 @@ from rq import Queue, Worker
 
 from pipeline.embed.contract import Row, build_request
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, ImageItem, enqueue_batch
-from pipeline.ledger import EMBEDDED
-from pipeline.metrics import METRICS_KEY
+from pipeline.keys import EMBEDDED, METRICS
 from tests.conftest import free_port
 
 KEY = "bench-key"
@@ -144,14 +143,14 @@ def run_workers(
         done = 0
         for stage in (warmup, batches):
             done += sum(len(batch.items) for batch in stage)
-            connection.delete(METRICS_KEY)
+            connection.delete(METRICS)
             started = time.perf_counter()
             for batch in stage:
                 enqueue_batch(queue, batch, timeout=600, retries=5, retry_intervals=[1])
             while int(connection.scard(EMBEDDED)) < done:
                 time.sleep(0.005)
             seconds = time.perf_counter() - started
-        wire = float(connection.hget(METRICS_KEY, "request_seconds|sum") or 0)
+        wire = float(connection.hget(METRICS, "request_seconds|sum") or 0)
         return seconds, wire
     finally:
         for proc in procs:

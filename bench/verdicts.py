@@ -33,7 +33,7 @@ import redis
 
 from bench import radiographs
 from bench.verdicts_perf import report_performance
-from emulator.server import EmulatorConfig, EmulatorServer
+from emulator.server import EmulatorServer, EmulatorSettings
 from pacs_embed.processes import PrivateRedis
 from pipeline import logs
 from pipeline.convert import to_png
@@ -115,7 +115,7 @@ def corpus(
 
 
 def run_corpus(args: argparse.Namespace, connection: redis.Redis) -> None:
-    server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0))
+    server = EmulatorServer(EmulatorSettings(), port=0)
     server.start_in_thread()
     settings = Settings.load(endpoint={"url": server.url, "auth": "none"})
     specs, boot_end = corpus(args.held_out, args.per_kind, settings.detect.max_reference, args.seed)

@@ -26,9 +26,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 import structlog
+from pydantic import Field
 
 from dicom_listener.spool import Spool
 from pipeline.convert import ConvertedImage, ConvertOptions, convert_file
@@ -37,6 +39,10 @@ from pipeline.jobs import EmbedBatch, ImageItem, items_of, split
 from pipeline.ledger import Ledger, Stage
 from pipeline.lifetime import pool_process_init
 from pipeline.logs import withhold_quoted
+from pipeline.sections import QueueSettings
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -56,13 +62,15 @@ class _Series:
     last_seen: float = 0.0
 
 
-@dataclass(frozen=True)
-class DispatchLimits:
-    batch_size: int = 16
-    batch_max_bytes: int = 4_000_000
-    linger_seconds: float = 1.0
-    max_queued_jobs: int = 256
-    in_flight: int = 4
+class DispatchLimits(QueueSettings):
+    """The [queue] section as the dispatcher applies it, plus how many conversions it keeps in
+    flight (the listener gives twice ``convert.processes``: one converting, one waiting each)."""
+
+    in_flight: int = Field(default=4, ge=1)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DispatchLimits:
+        return cls(**dict(settings.queue), in_flight=2 * settings.convert.processes)
 
 
 class Dispatcher:
@@ -122,6 +130,7 @@ class Dispatcher:
             "failing_for_seconds": round(time.monotonic() - since, 1) if since else 0.0,
             "last_error": self._last_error,
             "backlog": self.backlog(),
+            "at": time.time(),
         }
 
     def start(self) -> None:

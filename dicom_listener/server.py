@@ -25,7 +25,7 @@ from dicom_listener.reconcile import reconcile
 from dicom_listener.sop_classes import accept_unknown, storage_sop_classes
 from dicom_listener.spool import Spool
 from pipeline import health
-from pipeline.convert import DECODABLE_TRANSFER_SYNTAXES
+from pipeline.convert import DECODABLE_TRANSFER_SYNTAXES, ConvertOptions
 from pipeline.intake import IntakeLog
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, enqueue_batch
 from pipeline.ledger import Ledger
@@ -86,20 +86,13 @@ class Listener:
         self.ledger = Ledger(connection)
         self.intake = IntakeLog(connection)
         self.queue = Queue(EMBED_QUEUE, connection=connection)
-        qs = settings.queue
         self.dispatcher = Dispatcher(
             spool=self.spool,
             ledger=self.ledger,
             enqueue=self._enqueue,
             queue_depth=lambda: self.queue.count,
-            options=settings.convert.options(body_part_aliases=settings.detect.body_part_aliases),
-            limits=DispatchLimits(
-                batch_size=qs.batch_size,
-                batch_max_bytes=qs.batch_max_bytes,
-                linger_seconds=qs.linger_seconds,
-                max_queued_jobs=qs.max_queued_jobs,
-                in_flight=2 * settings.convert.processes,
-            ),
+            options=ConvertOptions.from_settings(settings),
+            limits=DispatchLimits.from_settings(settings),
             processes=settings.convert.processes,
             log_settings=(settings.log.level, settings.log.format),
             report=lambda report: health.publish(connection, "dispatcher", report),

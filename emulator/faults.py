@@ -1,11 +1,11 @@
 """How the emulator misbehaves on purpose, and what it counted. NOT A MEDICAL MODEL.
 
-A ``FaultPlan`` is set per run (``pacs-embed emulator`` reads it from ``[emulator]`` settings):
-added latency, a capacity past which requests get 429 as Azure ML answers them, random error
-rates, hanging requests, truncated bodies and a cold start. Tests can also force one fault on one
-request with the ``x-emulator-fault`` header (see ``emulator.server``). ``Stats`` counts what was
-answered, including the most requests ever in flight, so a test or the bench can check from the
-server's side that a client fleet kept to its concurrency limit.
+A run's ``FaultPlan`` is its ``[emulator]`` settings section (declared, with its rules, in
+``pipeline.sections``): added latency, a capacity past which requests get 429 as Azure ML answers
+them, random error rates, hanging requests, truncated bodies and a cold start. Tests can also
+force one fault on one request with the ``x-emulator-fault`` header (see ``emulator.server``).
+``Stats`` counts what was answered, including the most requests ever in flight, so a test or the
+bench can check from the server's side that a client fleet kept to its concurrency limit.
 """
 
 from __future__ import annotations
@@ -13,8 +13,19 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
+
+from pipeline.sections import FaultPlan
+
+__all__ = [
+    "FAULTS",
+    "MODEL_ERROR_HEADERS",
+    "RETRY_AFTER_STATUSES",
+    "TRUNCATED_BODY",
+    "FaultPlan",
+    "Stats",
+    "draw",
+]
 
 #: Faults by name: the status answered and its message. ``hang`` never answers; ``malformed``
 #: answers 200 with a truncated body.
@@ -40,51 +51,6 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 #: The body of a ``malformed`` answer: valid JSON cut short.
 TRUNCATED_BODY = b'[{"image_features": [[0.125, -0.25'
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """Faults for a whole run. Rates are per request, drawn independently of the content."""
-
-    latency_ms: float = 0.0  # an answer takes at least this long, its own work included
-    latency_per_image_ms: float = 0.0  # ... plus this per image row
-    capacity: int = 0  # requests in flight at most; past it, 429 at once (0: unlimited)
-    rate_429: float = 0.0
-    rate_503: float = 0.0
-    rate_500: float = 0.0
-    rate_408: float = 0.0
-    rate_hang: float = 0.0  # no answer until the client gives up (or hang_seconds)
-    rate_malformed: float = 0.0  # 200 with a truncated body
-    retry_after_seconds: float | None = None  # Retry-After on 429/503 (None: no header)
-    cold_start_seconds: float = 0.0  # every request gets 503 this long after start
-    hang_seconds: float = 300.0  # a hung request is dropped after this long
-    seed: int | None = None  # fault draws repeat for a seed
-
-    def __post_init__(self) -> None:
-        for name in ("latency_ms", "latency_per_image_ms", "cold_start_seconds", "capacity"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.hang_seconds <= 0:
-            raise ValueError(f"hang_seconds must be positive, got {self.hang_seconds}")
-        if self.retry_after_seconds is not None and self.retry_after_seconds < 0:
-            raise ValueError(f"retry_after_seconds must be >= 0, got {self.retry_after_seconds}")
-        rates = self.rates()
-        for name, rate in rates.items():
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"rate_{name} must be within [0, 1], got {rate}")
-        if sum(rates.values()) > 1.0 + 1e-9:
-            raise ValueError(f"fault rates add up to more than 1: {rates}")
-
-    def rates(self) -> dict[str, float]:
-        """Fault name -> probability per request."""
-        return {
-            "429": self.rate_429,
-            "503": self.rate_503,
-            "500": self.rate_500,
-            "408": self.rate_408,
-            "hang": self.rate_hang,
-            "malformed": self.rate_malformed,
-        }
 
 
 def draw(plan: FaultPlan, rng: random.Random) -> str | None:

@@ -86,7 +86,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
-        key = self.server.config.key
+        key = self.server.key
         if key is not None and not self._authorised(key):
             message = {"message": "missing or invalid key: send Authorization: Bearer <key>"}
             reply: _Reply | None = _json_reply(401, message, {"WWW-Authenticate": "Bearer"})
@@ -102,7 +102,7 @@ class Handler(BaseHTTPRequestHandler):
         """The answer to an authorised request, or None to hang."""
         arrived = time.monotonic()
         server = self.server
-        plan = server.config.faults
+        plan = server.config
         if server.cold():
             server.stats.fault("cold_start")
             return self._error(503, "model is starting (cold start); retry later")
@@ -149,7 +149,7 @@ class Handler(BaseHTTPRequestHandler):
         headers = {}
         if status in RETRY_AFTER_STATUSES:
             forced = self.headers.get(FAULT_RETRY_AFTER_HEADER)
-            planned = self.server.config.faults.retry_after_seconds
+            planned = self.server.config.retry_after_seconds
             if forced is not None:
                 headers["Retry-After"] = forced.strip()[:20]
             elif planned is not None:
@@ -169,7 +169,7 @@ class Handler(BaseHTTPRequestHandler):
     def _hang(self) -> None:
         """Answer nothing until the client hangs up, ``hang_seconds`` pass, or the server stops."""
         self.close_connection = True
-        deadline = time.monotonic() + self.server.config.faults.hang_seconds
+        deadline = time.monotonic() + self.server.config.hang_seconds
         sock = self.connection
         while time.monotonic() < deadline and not self.server.stopping.is_set():
             readable, _, _ = select.select([sock], [], [], 0.05)

@@ -9,8 +9,9 @@ that pacs-embed can run and be tested without Azure. Every response says so in t
     GET  /stats    what was answered, and the most requests ever in flight (``faults.Stats``)
 
 Answers in the list-of-rows shape real deployments use (``response_shape="rows"``) or the
-documentation's object of lists (``"columns"``). Faults come from the run's ``FaultPlan`` (see
-``emulator.faults``) or, for one request, from headers: ``x-emulator-fault: 408|413|424|429|500|
+documentation's object of lists (``"columns"``). The server is configured by its ``[emulator]``
+settings section as is (``EmulatorSettings``, a ``FaultPlan``: see ``emulator.faults``). Faults
+come from that plan or, for one request, from headers: ``x-emulator-fault: 408|413|424|429|500|
 503|hang|malformed``, ``x-emulator-retry-after: <s>`` (``Retry-After`` on a forced 429/503) and
 ``x-emulator-latency-ms: <ms>`` (replaces the plan's fixed latency). A request is checked in
 this order: key (401), cold start (503), capacity (429), fault, latency, then scored.
@@ -24,7 +25,6 @@ import socketserver
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from http.server import ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -33,29 +33,12 @@ import structlog
 
 from emulator.faults import FaultPlan, Stats, draw
 from emulator.handler import EMULATOR_HEADER, EMULATOR_HEADER_VALUE, Handler
+from pipeline.sections import EmulatorSettings
+from pipeline.settings import read_secret
 
-__all__ = ["EMULATOR_HEADER", "EMULATOR_HEADER_VALUE", "EmulatorConfig", "EmulatorServer"]
+__all__ = ["EMULATOR_HEADER", "EMULATOR_HEADER_VALUE", "EmulatorServer", "EmulatorSettings"]
 
 log = structlog.get_logger(__name__)
-
-RESPONSE_SHAPES = ("rows", "columns")
-
-
-@dataclass
-class EmulatorConfig:
-    """Where the emulator listens, how it answers and misbehaves. ``port=0`` picks a free port."""
-
-    host: str = "127.0.0.1"
-    port: int = 8765
-    key: str | None = None
-    response_shape: str = "rows"
-    faults: FaultPlan = field(default_factory=FaultPlan)
-
-    def __post_init__(self) -> None:
-        if self.response_shape not in RESPONSE_SHAPES:
-            raise ValueError(
-                f"response_shape must be one of {RESPONSE_SHAPES}, got {self.response_shape!r}"
-            )
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -63,25 +46,26 @@ class _HTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, config: EmulatorConfig) -> None:
+    def __init__(self, config: EmulatorSettings, port: int) -> None:
         self.config = config
+        self.key = read_secret(config.key, config.key_file)
         self.stats = Stats()
         self.stopping = threading.Event()
         self.started = time.monotonic()
-        self._rng = random.Random(config.faults.seed)
+        self._rng = random.Random(config.seed)
         self._rng_lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
-        super().__init__((config.host, config.port), Handler)
+        super().__init__((config.host, port), Handler)
 
     def cold(self) -> bool:
         """Whether the configured cold start is still going on."""
-        return time.monotonic() - self.started < self.config.faults.cold_start_seconds
+        return time.monotonic() - self.started < self.config.cold_start_seconds
 
     def draw(self) -> str | None:
         """This request's random fault from the plan, if any."""
         with self._rng_lock:
-            return draw(self.config.faults, self._rng)
+            return draw(self.config, self._rng)
 
     def pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the server stops."""
@@ -123,11 +107,14 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class EmulatorServer:
-    """The emulator's server: ``start_in_thread()`` in tests, ``serve_forever()`` in the CLI."""
+    """The emulator's server: ``start_in_thread()`` in tests, ``serve_forever()`` in the CLI.
 
-    def __init__(self, config: EmulatorConfig) -> None:
+    ``port`` replaces ``config.port``; 0 picks a free one (see :attr:`url`), as tests do.
+    """
+
+    def __init__(self, config: EmulatorSettings, *, port: int | None = None) -> None:
         self.config = config
-        self._httpd = _HTTPServer(config)
+        self._httpd = _HTTPServer(config, config.port if port is None else port)
         self._thread: threading.Thread | None = None
         self._serving = False
 
@@ -145,8 +132,10 @@ class EmulatorServer:
             "emulator.listening",
             url=self.url,
             response_shape=self.config.response_shape,
-            key_required=self.config.key is not None,
-            faults={k: v for k, v in asdict(self.config.faults).items() if v},
+            key_required=self._httpd.key is not None,
+            faults={
+                key: value for key in FaultPlan.model_fields if (value := getattr(self.config, key))
+            },
             notice="NOT a medical model: embeddings are deterministic functions of pixels and "
             "words, for testing pacs-embed only",
         )

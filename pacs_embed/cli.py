@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -133,25 +132,9 @@ def _listen(settings: Settings, connection: Any) -> int:
 
 
 def _emulator(settings: Settings) -> int:
-    from emulator.faults import FaultPlan
-    from emulator.server import EmulatorConfig, EmulatorServer
+    from emulator.server import EmulatorServer
 
-    emu = settings.emulator
-    try:
-        # EmulatorSettings names every FaultPlan field the same: pass them all through.
-        names = {field.name for field in dataclasses.fields(FaultPlan)}
-        faults = FaultPlan(**emu.model_dump(include=names))
-    except ValueError as exc:
-        raise ConfigError(f"emulator: {exc}") from exc
-    server = EmulatorServer(
-        EmulatorConfig(
-            host=emu.host,
-            port=emu.port,
-            key=settings.emulator_key(),
-            response_shape=emu.response_shape,
-            faults=faults,
-        )
-    )
+    server = EmulatorServer(settings.emulator)
     _interrupt_on_sigterm()
     try:
         server.serve_forever()
@@ -172,16 +155,13 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _convert(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.convert import convert_file
+    from pipeline.convert import ConvertOptions, convert_file
     from pipeline.errors import SkippedError
 
     # The daemon's own options and code path; only the final resize can be left out.
     try:
         image = convert_file(
-            args.input,
-            settings.convert.options(
-                native_size=args.native_size, body_part_aliases=settings.detect.body_part_aliases
-            ),
+            args.input, ConvertOptions.from_settings(settings, native_size=args.native_size)
         )
     except SkippedError as exc:
         print(f"pacs-embed: skipped, nothing written: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ from dicom_listener.server import Listener
 from pacs_embed.processes import PrivateRedis, spawn_self, stop
 from pacs_embed.secrets import ensure_secret_file
 from pacs_embed.services import admin_server
-from pipeline.embed.limiter import KEY_PREFIX as LIMITER_KEY_PREFIX
+from pipeline.keys import INFLIGHT_PATTERN
 from pipeline.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -125,7 +125,7 @@ def _drop_stale_leases(url: str) -> None:
     """Endpoint leases left in our private Redis by a killed `run`: every holder is dead (only
     this daemon uses that Redis), so they would only block the slots until they expire."""
     connection = redis.Redis.from_url(url)
-    stale = list(connection.scan_iter(match=f"{LIMITER_KEY_PREFIX}*"))
+    stale = list(connection.scan_iter(match=INFLIGHT_PATTERN))
     if stale:
         connection.delete(*stale)
         log.info("run.stale_leases_dropped", keys=len(stale))

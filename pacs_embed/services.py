@@ -9,8 +9,9 @@ from pacs_embed.secrets import ensure_secret_file
 from pipeline import metrics
 from pipeline.admin import status
 from pipeline.admin.server import AdminServer, Text
-from pipeline.embed.limiter import RedisLimiter, limiter_key
+from pipeline.embed.limiter import RedisLimiter
 from pipeline.errors import ConfigError
+from pipeline.keys import inflight_key
 from pipeline.settings import Settings
 
 
@@ -68,5 +69,5 @@ def metrics_collector(settings: Settings, connection: redis.Redis) -> metrics.Fl
     limit = ep.in_flight_limit
     if not (ep.url and limit):
         return metrics.FleetCollector(connection)
-    limiter = RedisLimiter(connection, limiter_key(ep.url, ep.deployment), limit)
+    limiter = RedisLimiter(connection, inflight_key(ep.url, ep.deployment), limit)
     return metrics.FleetCollector(connection, in_flight=limiter.in_flight, in_flight_limit=limit)

@@ -122,12 +122,10 @@ def _embed_file(path: Path, settings: Settings, connection: redis.Redis) -> Any:
     """The query vector of a DICOM file: its frames converted as the daemon would, embedded by
     the configured endpoint (or the emulator of a `run` on this state dir); several frames are
     averaged like a series (``nearest`` normalises the query)."""
-    from pipeline.convert import convert_file
+    from pipeline.convert import ConvertOptions, convert_file
     from workers.main import build_client
 
-    image = convert_file(
-        path, settings.convert.options(body_part_aliases=settings.detect.body_part_aliases)
-    )
+    image = convert_file(path, ConvertOptions.from_settings(settings))
     with build_client(_with_local_endpoint(settings), connection) as client:
         vectors = client.embed_images(list(image.pngs))
     return np.asarray(vectors, dtype=np.float64).mean(axis=0)

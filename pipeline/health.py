@@ -15,16 +15,13 @@ from typing import Any
 import redis
 import structlog
 
-from pipeline.ledger import PREFIX, text
+from pipeline.keys import health_key
+from pipeline.ledger import text
 
 log = structlog.get_logger(__name__)
 
 #: How long a report stands without being renewed: a few publish intervals.
 TTL_SECONDS = 15
-
-
-def health_key(component: str, name: str) -> str:
-    return f"{PREFIX}:health:{component}:{name}"
 
 
 def process_name() -> str:

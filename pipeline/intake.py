@@ -19,12 +19,12 @@ from typing import Any
 import redis
 import structlog
 
-from pipeline.ledger import PREFIX, iso, text
+from pipeline import keys
+from pipeline.ledger import iso, text
 
 log = structlog.get_logger(__name__)
 
-COUNTS = f"{PREFIX}:intake:counts"  # hash "<kind>|<reason>" -> count
-RECENT = f"{PREFIX}:intake:recent"  # list of json events, newest first, capped
+#: Events kept in the recent list (keys.INTAKE_RECENT), newest first.
 RECENT_MAX = 100
 
 
@@ -68,10 +68,10 @@ class IntakeLog:
     def record(self, event: Event) -> None:
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(COUNTS, event.counter, 1)
+                pipe.hincrby(keys.INTAKE_COUNTS, event.counter, 1)
                 if event.kind != Kind.NONCONFORMANT_UID:  # counted, but too common to list
-                    pipe.lpush(RECENT, json.dumps(asdict(event)))
-                    pipe.ltrim(RECENT, 0, RECENT_MAX - 1)
+                    pipe.lpush(keys.INTAKE_RECENT, json.dumps(asdict(event)))
+                    pipe.ltrim(keys.INTAKE_RECENT, 0, RECENT_MAX - 1)
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("intake.unrecorded", kind=event.kind, error=type(exc).__name__)
@@ -79,8 +79,8 @@ class IntakeLog:
     def summary(self, recent: int = 20) -> dict[str, Any]:
         """The ``input`` section of /status: counts by kind and reason, newest events first."""
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(COUNTS)
-            pipe.lrange(RECENT, 0, recent - 1)
+            pipe.hgetall(keys.INTAKE_COUNTS)
+            pipe.lrange(keys.INTAKE_RECENT, 0, recent - 1)
             counts, events = pipe.execute()
         by_kind: dict[str, dict[str, int]] = {kind: {} for kind in Kind}
         for raw_key, count in counts.items():
@@ -97,7 +97,7 @@ class IntakeLog:
     def totals(self) -> dict[tuple[str, str], int]:
         """(kind, reason) -> count, for the metrics."""
         out: dict[tuple[str, str], int] = {}
-        for raw_key, count in self.redis.hgetall(COUNTS).items():
+        for raw_key, count in self.redis.hgetall(keys.INTAKE_COUNTS).items():
             kind, _, reason = text(raw_key).partition("|")
             out[(kind, reason)] = int(count)
         return out

@@ -13,7 +13,7 @@ queue, or being embedded. A resend of a failed (quarantined) instance starts aga
 The spool on the listener host is the truth about *what was received*; the ledger is the truth
 about *how far each instance got*. Losing the ledger's last second (Redis AOF fsyncs every second)
 only means redoing idempotent work, never losing an instance. Values are UIDs, the few non-PHI
-header fields the workers need, and reasons: no PHI.
+header fields the workers need, and reasons: no PHI. The keys are listed in pipeline/keys.py.
 """
 
 from __future__ import annotations
@@ -28,17 +28,7 @@ from typing import Any
 
 import redis
 
-PREFIX = "pe"
-RECEIVED = f"{PREFIX}:received"  # set: every SOP UID ever picked up from the spool
-SPOOLED = f"{PREFIX}:state:spooled"  # set
-CONVERTING = f"{PREFIX}:state:converting"  # set
-QUEUED = f"{PREFIX}:state:queued"  # set
-EMBEDDED = f"{PREFIX}:embedded"  # set
-SKIPPED = f"{PREFIX}:skipped"  # hash sop -> reason
-FAILED = f"{PREFIX}:failed"  # hash sop -> json {stage, reason, detail, at}
-SKIPPED_RECENT = f"{PREFIX}:skipped:recent"  # zset sop -> time, for "most recent first"
-FAILED_RECENT = f"{PREFIX}:failed:recent"  # zset sop -> time
-COUNTERS = f"{PREFIX}:counters"  # hash: cumulative event counts, never decremented
+from pipeline import keys
 
 
 class State(StrEnum):
@@ -63,20 +53,16 @@ class Stage(StrEnum):
 
 
 #: The Redis key holding each state's members; SKIPPED and FAILED are hashes (with a reason).
-STATE_KEYS: Mapping[State, str] = {
-    State.SPOOLED: SPOOLED,
-    State.CONVERTING: CONVERTING,
-    State.QUEUED: QUEUED,
-    State.EMBEDDED: EMBEDDED,
-    State.SKIPPED: SKIPPED,
-    State.FAILED: FAILED,
+_STATE_KEYS: Mapping[State, str] = {
+    State.SPOOLED: keys.SPOOLED,
+    State.CONVERTING: keys.CONVERTING,
+    State.QUEUED: keys.QUEUED,
+    State.EMBEDDED: keys.EMBEDDED,
+    State.SKIPPED: keys.SKIPPED,
+    State.FAILED: keys.FAILED,
 }
 _HASH_STATES = (State.SKIPPED, State.FAILED)
-_RECENT = {State.SKIPPED: SKIPPED_RECENT, State.FAILED: FAILED_RECENT}
-
-
-def instance_key(sop_uid: str) -> str:
-    return f"{PREFIX}:inst:{sop_uid}"
+_RECENT = {State.SKIPPED: keys.SKIPPED_RECENT, State.FAILED: keys.FAILED_RECENT}
 
 
 def text(value: Any) -> str:
@@ -107,7 +93,7 @@ class Skip:
 
 def _enter(pipe: Any, uids: list[str], state: State, value: str | None = None) -> None:
     """Queue the commands that move ``uids`` into ``state`` (out of every other one)."""
-    for other, key in STATE_KEYS.items():
+    for other, key in _STATE_KEYS.items():
         if other == state:
             continue
         if other in _HASH_STATES:
@@ -116,10 +102,10 @@ def _enter(pipe: Any, uids: list[str], state: State, value: str | None = None) -
         else:
             pipe.srem(key, *uids)
     if state in _HASH_STATES:
-        pipe.hset(STATE_KEYS[state], mapping=dict.fromkeys(uids, value or ""))
+        pipe.hset(_STATE_KEYS[state], mapping=dict.fromkeys(uids, value or ""))
         pipe.zadd(_RECENT[state], dict.fromkeys(uids, time.time()))
     else:
-        pipe.sadd(STATE_KEYS[state], *uids)
+        pipe.sadd(_STATE_KEYS[state], *uids)
 
 
 class Ledger:
@@ -133,7 +119,7 @@ class Ledger:
         uids = list(sop_uids)
         if uids:
             with self.redis.pipeline() as pipe:
-                pipe.sadd(RECEIVED, *uids)
+                pipe.sadd(keys.RECEIVED, *uids)
                 _enter(pipe, uids, State.SPOOLED)
                 pipe.execute()
 
@@ -148,39 +134,39 @@ class Ledger:
         """Record conversion and the non-PHI header fields later stages report on."""
         with self.redis.pipeline() as pipe:
             _enter(pipe, [sop_uid], State.QUEUED)
-            pipe.hset(instance_key(sop_uid), mapping=fields)  # type: ignore[arg-type]
-            pipe.hincrby(COUNTERS, "converted", 1)
+            pipe.hset(keys.instance_key(sop_uid), mapping=fields)  # type: ignore[arg-type]
+            pipe.hincrby(keys.COUNTERS, "converted", 1)
             pipe.execute()
 
     def queued(self, sop_uids: Iterable[str], job_id: str) -> None:
         """The embed job that carries these instances."""
         with self.redis.pipeline() as pipe:
             for uid in sop_uids:
-                pipe.hset(instance_key(uid), "job", job_id)
+                pipe.hset(keys.instance_key(uid), "job", job_id)
             pipe.execute()
 
     def failed(self, sop_uid: str, stage: Stage, reason: str, detail: str = "") -> None:
         record = json.dumps({"stage": stage, "reason": reason, "detail": detail, "at": time.time()})
         with self.redis.pipeline() as pipe:
             _enter(pipe, [sop_uid], State.FAILED, record)
-            pipe.hincrby(COUNTERS, f"failed_{stage}", 1)
+            pipe.hincrby(keys.COUNTERS, f"failed_{stage}", 1)
             pipe.execute()
 
     def skipped(self, sop_uid: str, reason: str) -> None:
         with self.redis.pipeline() as pipe:
             _enter(pipe, [sop_uid], State.SKIPPED, reason)
-            pipe.hincrby(COUNTERS, "skipped", 1)
+            pipe.hincrby(keys.COUNTERS, "skipped", 1)
             pipe.execute()
 
     def mark_embedded(self, pipe: Any, sop_uids: Iterable[str]) -> None:
         """Add the 'embedded' transition to a caller's transaction, so it lands with the vectors."""
         uids = list(sop_uids)
         _enter(pipe, uids, State.EMBEDDED)
-        pipe.hincrby(COUNTERS, "embedded", len(uids))
+        pipe.hincrby(keys.COUNTERS, "embedded", len(uids))
 
     def count(self, event: str, n: int = 1) -> None:
         """Bump a cumulative counter (e.g. ``resends``)."""
-        self.redis.hincrby(COUNTERS, event, n)
+        self.redis.hincrby(keys.COUNTERS, event, n)
 
     def final(self, sop_uids: list[str]) -> list[bool]:
         """For each UID: has it reached a final state (embedded, failed or skipped)?"""
@@ -188,28 +174,28 @@ class Ledger:
             return []
         with self.redis.pipeline() as pipe:
             for uid in sop_uids:
-                pipe.sismember(EMBEDDED, uid)
-                pipe.hexists(FAILED, uid)
-                pipe.hexists(SKIPPED, uid)
+                pipe.sismember(keys.EMBEDDED, uid)
+                pipe.hexists(keys.FAILED, uid)
+                pipe.hexists(keys.SKIPPED, uid)
             flags = pipe.execute()
         return [any(flags[i : i + 3]) for i in range(0, len(flags), 3)]
 
     def embedded(self, sop_uids: list[str]) -> list[bool]:
         if not sop_uids:
             return []
-        return [bool(flag) for flag in self.redis.smismember(EMBEDDED, sop_uids)]
+        return [bool(flag) for flag in self.redis.smismember(keys.EMBEDDED, sop_uids)]
 
     def jobs_of(self, sop_uids: list[str]) -> list[str | None]:
         with self.redis.pipeline() as pipe:
             for uid in sop_uids:
-                pipe.hget(instance_key(uid), "job")
+                pipe.hget(keys.instance_key(uid), "job")
             return [job.decode() if job else None for job in pipe.execute()]
 
     def counts(self) -> dict[str, int]:
         """Instances by current state; ``received`` is their sum."""
         with self.redis.pipeline() as pipe:
             for state in State:
-                key = STATE_KEYS[state]
+                key = _STATE_KEYS[state]
                 pipe.hlen(key) if state in _HASH_STATES else pipe.scard(key)
             sizes = pipe.execute()
         by_state = {str(state): int(size) for state, size in zip(State, sizes, strict=True)}
@@ -218,19 +204,21 @@ class Ledger:
     def counters(self) -> dict[str, int]:
         """Cumulative event counts since the ledger began (``received`` = distinct instances)."""
         with self.redis.pipeline() as pipe:
-            pipe.scard(RECEIVED)
-            pipe.hgetall(COUNTERS)
+            pipe.scard(keys.RECEIVED)
+            pipe.hgetall(keys.COUNTERS)
             received, raw = pipe.execute()
         counts = {text(k): int(v) for k, v in raw.items()}
         return {"received": int(received), **dict(sorted(counts.items()))}
 
     def failures(self, limit: int = 100, offset: int = 0) -> list[Failure]:
         """The most recent failures first, with their reasons, for /status and operators."""
-        uids = [text(u) for u in self.redis.zrevrange(FAILED_RECENT, offset, offset + limit - 1)]
+        uids = [
+            text(u) for u in self.redis.zrevrange(keys.FAILED_RECENT, offset, offset + limit - 1)
+        ]
         if not uids:
             return []
         out = []
-        for uid, raw in zip(uids, self.redis.hmget(FAILED, uids), strict=True):
+        for uid, raw in zip(uids, self.redis.hmget(keys.FAILED, uids), strict=True):
             if raw is None:
                 continue  # left the failed state between the two reads
             record = json.loads(raw)
@@ -248,12 +236,12 @@ class Ledger:
     def skips(self, limit: int = 20) -> list[Skip]:
         """The most recent skips first, with their reasons."""
         pairs: list[tuple[bytes, float]] = self.redis.zrevrange(  # type: ignore[assignment]
-            SKIPPED_RECENT, 0, limit - 1, withscores=True
+            keys.SKIPPED_RECENT, 0, limit - 1, withscores=True
         )
         if not pairs:
             return []
         uids = [text(uid) for uid, _ in pairs]
-        reasons = self.redis.hmget(SKIPPED, uids)
+        reasons = self.redis.hmget(keys.SKIPPED, uids)
         return [
             Skip(uid, text(reason), iso(at))
             for uid, (_, at), reason in zip(uids, pairs, reasons, strict=True)

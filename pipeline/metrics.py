@@ -1,10 +1,10 @@
 """Fleet-wide endpoint metrics: every worker process writes to Redis, the admin endpoint reads.
 
 Workers run in many processes on many hosts, so a per-process prometheus_client registry would
-need every worker scraped. Instead each HTTP attempt adds to fields of one Redis hash (one
-pipelined round trip), and ``FleetCollector`` turns the hash into Prometheus families whenever
-``GET /metrics`` is scraped. Counters only grow; a Redis flush resets them, which Prometheus'
-``rate()`` handles like a process restart.
+need every worker scraped. Instead each HTTP attempt adds to fields of one Redis hash
+(``pe:metrics``, see pipeline/keys.py; one pipelined round trip), and ``FleetCollector`` turns
+the hash into Prometheus families whenever ``GET /metrics`` is scraped. Counters only grow; a
+Redis flush resets them, which Prometheus' ``rate()`` handles like a process restart.
 
 Hash fields are ``name`` or ``name|label=value``; histogram buckets are stored per bucket (not
 cumulative) as ``<name>|le=<bound>`` plus ``<name>|sum``. Images per second over the last
@@ -40,15 +40,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from pipeline.intake import IntakeLog
+from pipeline.keys import METRICS, images_rate_key
 from pipeline.ledger import Ledger
 
 log = structlog.get_logger(__name__)
 
-#: The hash every worker increments.
-METRICS_KEY = "pe:metrics"
-
-#: Prefix of the 10-second image counters behind images/s.
-RATE_KEY_PREFIX = "pe:metrics:images:"
+#: The 10-second image counters behind images/s (keys.images_rate_key).
 RATE_BUCKET_SECONDS = 10
 RATE_WINDOW_BUCKETS = 6  # one minute, not counting the bucket still filling
 RATE_KEY_TTL_SECONDS = 300
@@ -59,7 +56,8 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 #: Upper bounds (s) of the slot-wait buckets.
 WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0)
 
-PREFIX = "pacs_embed_endpoint_"
+#: The name prefix of the endpoint metric families (not a Redis key: those are in keys.py).
+METRIC_PREFIX = "pacs_embed_endpoint_"
 
 #: Content-Type of ``render``'s output.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -127,13 +125,13 @@ class EndpointMetrics:
         """One HTTP attempt: its outcome, latency, body size and the images it embedded."""
         bucket = _bucket(LATENCY_BUCKETS, seconds)
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(METRICS_KEY, _field("requests", "status", status), 1)
-            pipe.hincrby(METRICS_KEY, _field("request_seconds", "le", bucket), 1)
-            pipe.hincrbyfloat(METRICS_KEY, "request_seconds|sum", seconds)
-            pipe.hincrby(METRICS_KEY, "request_bytes", bytes_sent)
+            pipe.hincrby(METRICS, _field("requests", "status", status), 1)
+            pipe.hincrby(METRICS, _field("request_seconds", "le", bucket), 1)
+            pipe.hincrbyfloat(METRICS, "request_seconds|sum", seconds)
+            pipe.hincrby(METRICS, "request_bytes", bytes_sent)
             if images:
-                pipe.hincrby(METRICS_KEY, "images", images)
-                rate_key = f"{RATE_KEY_PREFIX}{int(self._clock() // RATE_BUCKET_SECONDS)}"
+                pipe.hincrby(METRICS, "images", images)
+                rate_key = images_rate_key(int(self._clock() // RATE_BUCKET_SECONDS))
                 pipe.incrby(rate_key, images)
                 pipe.expire(rate_key, RATE_KEY_TTL_SECONDS)
             self._execute(pipe)
@@ -141,15 +139,15 @@ class EndpointMetrics:
     def retry(self, reason: str) -> None:
         """The client is about to retry because of ``reason`` (a status or an error kind)."""
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(METRICS_KEY, _field("retries", "reason", reason), 1)
+            pipe.hincrby(METRICS, _field("retries", "reason", reason), 1)
             self._execute(pipe)
 
     def slot_wait(self, seconds: float) -> None:
         """How long an attempt waited for a fleet-wide in-flight slot."""
         bucket = _bucket(WAIT_BUCKETS, seconds)
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(METRICS_KEY, _field("slot_wait_seconds", "le", bucket), 1)
-            pipe.hincrbyfloat(METRICS_KEY, "slot_wait_seconds|sum", seconds)
+            pipe.hincrby(METRICS, _field("slot_wait_seconds", "le", bucket), 1)
+            pipe.hincrbyfloat(METRICS, "slot_wait_seconds|sum", seconds)
             self._execute(pipe)
 
     @staticmethod
@@ -177,22 +175,24 @@ class FleetCollector(Collector):
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        raw: dict[bytes, bytes] = self._redis.hgetall(METRICS_KEY)  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self._redis.hgetall(METRICS)  # type: ignore[assignment]
         fields = {key.decode(): float(value) for key, value in raw.items()}
         yield from self._counters(fields)
         yield from self._histograms(fields)
         yield GaugeMetricFamily(
-            f"{PREFIX}images_per_second",
+            f"{METRIC_PREFIX}images_per_second",
             "Images embedded per second, fleet-wide, over the last minute",
             value=self._images_per_second(),
         )
         if self._in_flight is not None:
             yield GaugeMetricFamily(
-                f"{PREFIX}in_flight", "Requests in flight now, fleet-wide", value=self._in_flight()
+                f"{METRIC_PREFIX}in_flight",
+                "Requests in flight now, fleet-wide",
+                value=self._in_flight(),
             )
         if self._limit is not None:
             yield GaugeMetricFamily(
-                f"{PREFIX}in_flight_limit",
+                f"{METRIC_PREFIX}in_flight_limit",
                 "Fleet-wide cap on requests in flight",
                 value=self._limit,
             )
@@ -200,7 +200,7 @@ class FleetCollector(Collector):
     def _counters(self, fields: dict[str, float]) -> Iterator[Metric]:
         for name, (label, help_text) in _COUNTERS.items():
             family = CounterMetricFamily(
-                f"{PREFIX}{name}", help_text, labels=[label] if label else None
+                f"{METRIC_PREFIX}{name}", help_text, labels=[label] if label else None
             )
             if label is None:
                 family.add_metric([], fields.get(name, 0.0))
@@ -223,7 +223,7 @@ class FleetCollector(Collector):
                 cumulative += counts.get(bound, 0.0)
                 buckets.append((bound, cumulative))
             yield HistogramMetricFamily(
-                f"{PREFIX}{name}",
+                f"{METRIC_PREFIX}{name}",
                 _HELP[name],
                 buckets=buckets,
                 sum_value=fields.get(f"{name}|sum", 0.0),
@@ -231,8 +231,8 @@ class FleetCollector(Collector):
 
     def _images_per_second(self) -> float:
         current = int(self._clock() // RATE_BUCKET_SECONDS)
-        keys = [f"{RATE_KEY_PREFIX}{current - n}" for n in range(1, RATE_WINDOW_BUCKETS + 1)]
-        values = self._redis.mget(keys)
+        buckets = [images_rate_key(current - n) for n in range(1, RATE_WINDOW_BUCKETS + 1)]
+        values = self._redis.mget(buckets)
         total = sum(int(v) for v in values if v is not None)
         return total / (RATE_WINDOW_BUCKETS * RATE_BUCKET_SECONDS)
 

@@ -7,15 +7,7 @@ Vectors live in Redis as raw little-endian float32 (4 KiB each), which keeps a m
 others; the series sum is read under WATCH and only counts an instance it has not counted yet,
 so a redone batch cannot count an image twice.
 
-Keys (besides the ledger's)::
-
-    pe:emb:vec          hash  sop -> float32 bytes
-    pe:emb:meta         hash  sop -> json {study, series, modality, body_part, frame}
-    pe:verdict          hash  sop -> json InstanceVerdict (pipeline/detect/verdict.py)
-    pe:emb:series       hash  series -> float32 bytes: normalised mean of its images
-    pe:series:<uid>     hash  study, sum (float64 bytes), count, "i:<sop>" per counted image
-    pe:study:<uid>      set   series UIDs
-    pe:cohort:<cohort>  set   SOP UIDs, for search within a cohort
+Keys (besides the ledger's): see "Embeddings store" in pipeline/keys.py.
 """
 
 from __future__ import annotations
@@ -33,29 +25,22 @@ import redis
 
 from pipeline.detect.verdict import GroupVerdict, InstanceVerdict, series_verdict, study_verdict
 from pipeline.embed.contract import EMBEDDING_DIM
-from pipeline.ledger import PREFIX, Ledger
+from pipeline.keys import (
+    EMB_META,
+    EMB_VECTORS,
+    SERIES_VECTORS,
+    VERDICTS,
+    cohort_key,
+    series_key,
+    study_key,
+)
+from pipeline.ledger import Ledger
 
-VECTORS = f"{PREFIX}:emb:vec"
-META = f"{PREFIX}:emb:meta"
-VERDICTS = f"{PREFIX}:verdict"
-SERIES_VECTORS = f"{PREFIX}:emb:series"
 DTYPE = np.dtype("<f4")
 
 #: Optimistic-transaction attempts when workers update one series at once; past this the job
 #: fails transiently and rq retries it later.
 MAX_SAVE_ATTEMPTS = 20
-
-
-def series_key(uid: str) -> str:
-    return f"{PREFIX}:series:{uid}"
-
-
-def study_key(uid: str) -> str:
-    return f"{PREFIX}:study:{uid}"
-
-
-def cohort_key(cohort: str) -> str:
-    return f"{PREFIX}:cohort:{cohort}"
 
 
 @dataclass(frozen=True)
@@ -114,10 +99,10 @@ class EmbeddingStore:
         raise redis.WatchError(f"series {sorted(by_series)} kept changing; retry the batch")
 
     def count(self) -> int:
-        return int(self.redis.hlen(VECTORS))
+        return int(self.redis.hlen(EMB_VECTORS))
 
     def get(self, sop_uid: str) -> np.ndarray | None:
-        return self._vector(VECTORS, sop_uid)
+        return self._vector(EMB_VECTORS, sop_uid)
 
     def series_vector(self, series_uid: str) -> np.ndarray | None:
         """The series embedding: the normalised mean of its images' vectors."""
@@ -173,7 +158,7 @@ class EmbeddingStore:
         if sop_uids is None:
             uids: list[str] = []
             rows: list[bytes] = []
-            for uid, raw in self.redis.hscan_iter(VECTORS, count=chunk):
+            for uid, raw in self.redis.hscan_iter(EMB_VECTORS, count=chunk):
                 uids.append(_text(uid))
                 rows.append(raw)
                 if len(uids) >= chunk:
@@ -184,7 +169,7 @@ class EmbeddingStore:
             return
         for start in range(0, len(sop_uids), chunk):
             part = list(sop_uids[start : start + chunk])
-            raws = self.redis.hmget(VECTORS, part)
+            raws = self.redis.hmget(EMB_VECTORS, part)
             present = [(u, r) for u, r in zip(part, raws, strict=True) if r is not None]
             if present:
                 yield [u for u, _ in present], _matrix([r for _, r in present])
@@ -193,7 +178,7 @@ class EmbeddingStore:
         return sorted(_text(s) for s in self.redis.smembers(cohort_key(cohort)))
 
     def meta(self, sop_uids: Sequence[str]) -> list[dict[str, Any]]:
-        raws = self.redis.hmget(META, list(sop_uids)) if sop_uids else []
+        raws = self.redis.hmget(EMB_META, list(sop_uids)) if sop_uids else []
         return [json.loads(r) if r else {} for r in raws]
 
     def export(self, path: Path) -> int:
@@ -257,8 +242,8 @@ def _series_sum(pipe: Any, uid: str, group: list[Embedded]) -> tuple[Any, int, l
 
 def _stage_item(pipe: Any, item: Embedded, verdict: InstanceVerdict | None) -> None:
     uid = item.sop_instance_uid
-    pipe.hset(VECTORS, uid, np.asarray(item.vector, dtype=DTYPE).tobytes())
-    pipe.hset(META, uid, json.dumps(_meta(item)))
+    pipe.hset(EMB_VECTORS, uid, np.asarray(item.vector, dtype=DTYPE).tobytes())
+    pipe.hset(EMB_META, uid, json.dumps(_meta(item)))
     if verdict is not None:
         pipe.hset(VERDICTS, uid, json.dumps(verdict.to_json()))
         pipe.sadd(cohort_key(verdict.cohort), uid)

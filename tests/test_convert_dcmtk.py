@@ -1,4 +1,4 @@
-"""Our 8-bit rendering at native size against DCMTK ``dcmj2pnm`` 3.6.7 (DESIGN.md §4 reference).
+"""Our 8-bit rendering at native size against DCMTK ``dcmj2pnm`` 3.6.7 (docs/architecture.md §8).
 
 A corpus of synthetic objects covers every decoding, LUT and photometric case of issue 3; DCMTK's
 own ``dcmconv``, ``dcmcjpeg``, ``dcmcjpls`` and ``dcmcrle`` make the transfer-syntax variants,
@@ -265,7 +265,7 @@ def rgb(planar: int) -> Callable[[], Dataset]:
     return lambda: factory.rgb_us(planar=planar)
 
 
-CT_RULES = (("CT", ModalityRule(preset_window=(40.0, 400.0))),)
+CT_RULES = {"CT": ModalityRule(preset_window=(40.0, 400.0))}
 
 CASES = [
     Case("ct_explicit_le", written(ct())),
@@ -301,7 +301,7 @@ CASES = [
         "ct_preset_window",
         written(ct(WindowCenter=None, WindowWidth=None, WindowCenterWidthExplanation=None)),
         ("+Ww", "40", "400"),
-        ConvertOptions(size=0, modalities=CT_RULES),
+        ConvertOptions(size=0, modality=CT_RULES),
     ),
     Case(
         "ct_percentile_stretch",

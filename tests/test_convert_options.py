@@ -58,14 +58,14 @@ def test_window_explanation_from_a_modality_rule_selects_the_pair() -> None:
     ds = _ct(WindowCenter=[40, -600], WindowWidth=[400, 1500])
     ds.WindowCenterWidthExplanation = ["MEDIASTINUM", "LUNG"]
     lung = render_frame(ds, 0, ConvertOptions(size=0, window_index=1))
-    rule = ConvertOptions(size=0, modalities=(("CT", ModalityRule(window_explanation="LUNG")),))
+    rule = ConvertOptions(size=0, modality={"CT": ModalityRule(window_explanation="LUNG")})
     assert np.array_equal(render_frame(ds, 0, rule), lung)
     assert not np.array_equal(render_frame(ds, 0, NATIVE), lung)
 
 
 def test_preset_applies_only_without_header_voi() -> None:
     """A modality's preset window is used when the header has none, and never over the header."""
-    preset = ConvertOptions(size=0, modalities=(("CT", ModalityRule(preset_window=(40, 400))),))
+    preset = ConvertOptions(size=0, modality={"CT": ModalityRule(preset_window=(40, 400))})
     with_header = _ct()
     assert np.array_equal(render_frame(_no_voi(_ct()), 0, preset), render_frame(with_header, 0))
     wide = _ct(WindowCenter=500, WindowWidth=3000)
@@ -74,7 +74,7 @@ def test_preset_applies_only_without_header_voi() -> None:
 
 def test_other_modalities_keep_the_percentile_stretch() -> None:
     """A CT preset does not touch an MR without VOI: that one is stretched."""
-    preset = ConvertOptions(size=0, modalities=(("CT", ModalityRule(preset_window=(40, 400))),))
+    preset = ConvertOptions(size=0, modality={"CT": ModalityRule(preset_window=(40, 400))})
     mr = _no_voi(_ct(Modality="MR"))
     assert np.array_equal(render_frame(mr, 0, preset), render_frame(mr, 0, NATIVE))
     assert render_frame(mr, 0, preset).max() == 255 and render_frame(mr, 0, preset).min() == 0
@@ -83,10 +83,10 @@ def test_other_modalities_keep_the_percentile_stretch() -> None:
 def test_for_modality_overrides_field_by_field() -> None:
     """A rule replaces only what it sets; unknown modalities get the global options."""
     options = ConvertOptions(
-        frame_policy="all", modalities=(("US", ModalityRule(frame_policy="max_k", frame_param=4)),)
+        frame_policy="all", modality={"US": ModalityRule(frame_policy="max_k", frame_param=4)}
     )
     us = options.for_modality(" us ")
-    assert (us.frame_policy, us.frame_param, us.size, us.modalities) == ("max_k", 4, 512, ())
+    assert (us.frame_policy, us.frame_param, us.size, us.modality) == ("max_k", 4, 512, {})
     assert options.for_modality("CT").frame_policy == "all"
 
 
@@ -105,12 +105,18 @@ def test_bad_modality_rules_fail_at_construction(rule: dict[str, Any]) -> None:
         ModalityRule(**rule)
 
 
-def test_modality_codes_must_be_upper_case_and_unique() -> None:
-    """Options refuse lower-case or repeated modality codes (settings normalise them first)."""
-    with pytest.raises(ConfigError, match="upper-case"):
-        ConvertOptions(modalities=(("ct", ModalityRule()),))
+def test_modality_codes_ignore_case_and_conflicts_are_refused() -> None:
+    """Rule codes are normalised ("ct" is CT); one key set two ways, or a malformed code, is not."""
+    assert (
+        ConvertOptions(modality={"ct": ModalityRule(frame_param=2)}).for_modality("CT").frame_param
+        == 2
+    )
     with pytest.raises(ConfigError, match="twice"):
-        ConvertOptions(modalities=(("CT", ModalityRule()), ("CT", ModalityRule())))
+        ConvertOptions(
+            modality={"CT": ModalityRule(frame_param=2), "ct": ModalityRule(frame_param=3)}
+        )
+    with pytest.raises(ConfigError, match="not a DICOM Modality code"):
+        ConvertOptions(modality={"C T": ModalityRule()})
 
 
 # --- series sampling --------------------------------------------------------------------------
@@ -145,9 +151,7 @@ def test_series_skip_reason(
 
 def test_convert_file_skips_unsampled_slices(tmp_path: Path) -> None:
     """A CT every_n 2 rule: slice 2 raises NotSampledError (a skip), slice 3 converts."""
-    options = ConvertOptions(
-        modalities=(("CT", ModalityRule(series_policy="every_n", series_param=2)),)
-    )
+    options = ConvertOptions(modality={"CT": ModalityRule(series_policy="every_n", series_param=2)})
     with pytest.raises(NotSampledError, match="every_n 2"):
         convert_file(factory.write(_ct(2), tmp_path / "2.dcm"), options)
     assert len(convert_file(factory.write(_ct(3), tmp_path / "3.dcm"), options).pngs) == 1
@@ -193,9 +197,12 @@ def test_dispatcher_settles_skips_as_skipped(error: SkippedError) -> None:
 
 
 def test_settings_defaults_are_the_pipeline_defaults() -> None:
-    """[convert] defaults build exactly ConvertOptions() (one source of truth for both)."""
-    assert ConvertSettings().options() == ConvertOptions()
-    assert ConvertSettings().options(native_size=True).size == 0
+    """[convert] defaults build exactly ConvertOptions(): the options are the section."""
+    assert ConvertOptions.from_settings(Settings.load()) == ConvertOptions()
+    assert ConvertOptions.from_settings(Settings.load(), native_size=True).size == 0
+    aliases = Settings.load(detect={"body_part_aliases": {"BRUSTKORB": "CHEST"}})
+    assert ConvertOptions.from_settings(aliases).body_part_aliases == {"BRUSTKORB": "CHEST"}
+    assert isinstance(ConvertOptions(), ConvertSettings)
 
 
 def test_settings_modality_section_reaches_the_options(tmp_path: Path) -> None:
@@ -205,8 +212,7 @@ def test_settings_modality_section_reaches_the_options(tmp_path: Path) -> None:
         '[convert.modality.ct]\nwindow_explanation = "LUNG"\npreset_window = [-600, 1500]\n'
         'series_policy = "every_n"\nseries_param = 3\n'
     )
-    options = Settings.load(config).convert.options()
-    ct = options.for_modality("CT")
+    ct = ConvertOptions.from_settings(Settings.load(config)).for_modality("CT")
     assert (ct.window_explanation, ct.preset_window) == ("LUNG", (-600.0, 1500.0))
     assert (ct.series_policy, ct.series_param) == ("every_n", 3)
 
@@ -218,7 +224,7 @@ def test_settings_env_and_toml_merge_per_key(
     config = tmp_path / "c.toml"
     config.write_text('[convert.modality.CT]\nwindow_explanation = "LUNG"\n')
     monkeypatch.setenv("PACS_EMBED_CONVERT__MODALITY__CT__FRAME_POLICY", "all")
-    ct = Settings.load(config).convert.options().for_modality("CT")
+    ct = ConvertOptions.from_settings(Settings.load(config)).for_modality("CT")
     assert (ct.window_explanation, ct.frame_policy) == ("LUNG", "all")
     monkeypatch.setenv("PACS_EMBED_CONVERT__MODALITY__CT__WINDOW_EXPLANATION", "BONE")
     with pytest.raises(ConfigError, match="set twice"):
@@ -232,6 +238,7 @@ def test_settings_env_and_toml_merge_per_key(
         ('[convert.modality.CT]\nframe_policy = "first"\n', "convert.modality.CT.frame_policy"),
         ('[convert.modality."C T"]\n', "not a DICOM Modality code"),
         ("[convert]\npercentiles = [99, 1]\n", "percentiles"),
+        ("[convert]\npreset_window = [40, 400]\n", "convert.preset_window: .*per modality"),
         ("[convert]\nmax_decoded_bytes = 0\n", "convert.max_decoded_bytes"),
     ],
 )

@@ -9,9 +9,10 @@ import pytest
 import redis
 
 from pipeline.detect.admission import Policy, checkpoint
-from pipeline.detect.reference import ReferenceStore, keys
+from pipeline.detect.reference import ReferenceStore
 from pipeline.detect.scoring import neighbour_table, scores_from_table, unit_rows
 from pipeline.detect.verdict import BOOTSTRAP, SCORED
+from pipeline.keys import reference_keys
 
 DIM = 32
 K = 4
@@ -184,5 +185,5 @@ def test_replace_checks_dimension_and_delete_forgets(redis_conn: redis.Redis) ->
         refs.replace("CR/CHEST", np.ones((5, 16)))
     refs.replace("CR/CHEST", normals(14, 5))
     refs.delete("CR/CHEST")
-    assert not any(redis_conn.exists(key) for key in keys("CR/CHEST").values())
+    assert not any(redis_conn.exists(key) for key in reference_keys("CR/CHEST").values())
     assert refs.snapshot("CR/CHEST").size == 0 and refs.cohorts() == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,8 +75,12 @@ def test_series_in_embeddings_out(daemon: Daemon, tmp_path: Path) -> None:
     enqueued_before = _images_enqueued(daemon)
     resent = storescu(daemon.dicom_port, paths)
     assert successes(resent) == N
-    time.sleep(1.5)  # > linger: anything re-processed would have been enqueued by now
+    # Anything a resend handed on was submitted before its 0x0000: once the dispatcher reports
+    # an empty backlog after that, it would have been converted again (and counted).
+    acked = time.time()
+    daemon.wait_for(lambda: _dispatcher_idle_since(daemon, acked), 30, "dispatcher idle")
     status = daemon.status()
+    assert status["counters"]["converted"] == N
     assert status["instances"]["received"] == N
     assert status["instances"]["embedded"] == N
     assert _images_enqueued(daemon) == enqueued_before == N
@@ -104,8 +109,8 @@ def test_kill9_after_ack_loses_nothing(tmp_path: Path) -> None:
     second = Daemon(state, log)
     second.start()
     try:
-        status = second.wait_embedded(N)
-        time.sleep(1.0)
+        second.wait_embedded(N)
+        second.wait_for(lambda: _settled(second.status()), 30, "nothing in flight")
         status = second.status()
         assert status["instances"]["embedded"] == N
         assert status["instances"]["failed"] == 0
@@ -113,6 +118,18 @@ def test_kill9_after_ack_loses_nothing(tmp_path: Path) -> None:
         assert sorted(data["sop_instance_uids"]) == sorted(uids)  # each exactly once
     finally:
         second.stop()
+
+
+def _dispatcher_idle_since(daemon: Daemon, since: float) -> bool:
+    """A dispatcher report newer than ``since`` says nothing is waiting or converting."""
+    reports = daemon.status()["dispatchers"].values()
+    return bool(reports) and all(r["at"] > since and r["backlog"] == 0 for r in reports)
+
+
+def _settled(status: dict[str, Any]) -> bool:
+    """Every received instance is in a final state."""
+    instances = status["instances"]
+    return instances["spooled"] == instances["converting"] == instances["queued"] == 0
 
 
 def _images_enqueued(daemon: Daemon) -> int:

@@ -11,9 +11,10 @@ import httpx
 import pytest
 import redis
 
-from emulator import EmulatorConfig, EmulatorServer
-from pipeline.embed import AZURE_ML_SCOPE, EndpointClient, RedisLimiter, TokenCache, limiter_key
+from emulator import EmulatorServer, EmulatorSettings
+from pipeline.embed import AZURE_ML_SCOPE, EndpointClient, RedisLimiter, TokenCache
 from pipeline.errors import ConfigError, TransientEndpointError
+from pipeline.keys import inflight_key
 from pipeline.settings import Settings
 from tests.test_emulator import gradient, png
 from workers.main import build_client
@@ -46,7 +47,7 @@ class StubCredential:
 @pytest.fixture
 def emulator() -> Iterator[EmulatorServer]:
     """An emulator whose "key" is the Entra token, so only that bearer gets in."""
-    server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0, key=TOKEN))
+    server = EmulatorServer(EmulatorSettings(key=TOKEN), port=0)
     server.start_in_thread()
     yield server
     server.shutdown()
@@ -192,7 +193,7 @@ def test_worker_client_uses_the_shared_limiter(redis_conn: redis.Redis) -> None:
     sized = Settings.load(
         endpoint={**common, "max_concurrent_requests_per_instance": 2, "instances": 3}
     )
-    others = RedisLimiter(redis_conn, limiter_key(url), 6)
+    others = RedisLimiter(redis_conn, inflight_key(url), 6)
     held = [others.acquire(1) for _ in range(6)]  # the rest of the fleet holds every slot
     try:
         with build_client(sized, redis_conn) as client:

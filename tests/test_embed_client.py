@@ -19,17 +19,22 @@ from structlog.testing import capture_logs
 from pipeline.embed.client import AZURE_ML_SCOPE, EndpointClient
 from pipeline.embed.contract import EMBEDDING_DIM, Row
 from pipeline.errors import (
+    ConfigError,
     EndpointAuthError,
     PermanentEndpointError,
     ResponseFormatError,
     TransientEndpointError,
 )
+from pipeline.sections import EndpointSettings
 from tests.test_embed_auth import StubCredential, Token
 
 URL = "https://example-endpoint.westeurope.inference.ml.azure.com/score"
 KEY = "s3cr3t-key-value"
 
 Handler = Callable[[httpx.Request], httpx.Response]
+
+#: [endpoint] keys a test may set; the key itself reaches the client already read.
+TUNING = set(EndpointSettings.model_fields) - {"url", "key"}
 
 
 def feature_for(b64: str) -> list[float]:
@@ -72,9 +77,12 @@ class Sleeps:
 
 
 def make_client(recorder: Recorder, sleeps: Sleeps, **kwargs: Any) -> EndpointClient:
+    """A client of URL; ``kwargs`` are [endpoint] settings (max_attempts=3...) or client
+    arguments (key, credential)."""
     kwargs.setdefault("key", KEY)
+    settings = {name: kwargs.pop(name) for name in list(kwargs) if name in TUNING}
     return EndpointClient(
-        URL,
+        EndpointSettings(url=URL, **settings),
         transport=httpx.MockTransport(recorder),
         sleep=sleeps,
         rng=random.Random(7),
@@ -373,3 +381,16 @@ def test_key_and_credential_are_exclusive() -> None:
     """Giving both a key and a credential is a configuration mistake, refused at once."""
     with pytest.raises(ValueError, match="either key or credential"):
         EndpointClient(URL, key=KEY, credential=StubCredential([]))
+
+
+def test_client_takes_the_endpoint_section() -> None:
+    """Timeouts, retries and deadline come from [endpoint] as one value, checked there by name;
+    a bare URL means the defaults, and no URL is refused."""
+    with pytest.raises(ConfigError, match=r"endpoint\.max_attempts"):
+        EndpointSettings(url=URL, max_attempts=0)
+    with pytest.raises(ConfigError, match=r"endpoint\.read_timeout"):
+        EndpointSettings(url=URL, read_timeout=0)
+    with pytest.raises(ConfigError, match=r"endpoint\.url is not set"):
+        EndpointClient(EndpointSettings(), key=KEY)
+    with EndpointClient(URL, key=KEY) as client:
+        assert client._endpoint == EndpointSettings(url=URL)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emulator import EMULATOR_HEADER, EMULATOR_HEADER_VALUE, EmulatorConfig, EmulatorServer, model
+from emulator import EMULATOR_HEADER, EMULATOR_HEADER_VALUE, EmulatorServer, EmulatorSettings, model
 from pipeline.embed import EMBEDDING_DIM, EndpointClient, Row
-from pipeline.errors import EndpointAuthError
+from pipeline.errors import ConfigError, EndpointAuthError
 
 KEY = "emulator-test-key"
 
@@ -52,8 +52,7 @@ class FaultOnce(httpx.HTTPTransport):
 
 
 def start(key: str | None = None, response_shape: str = "rows") -> EmulatorServer:
-    config = EmulatorConfig(host="127.0.0.1", port=0, key=key, response_shape=response_shape)
-    server = EmulatorServer(config)
+    server = EmulatorServer(EmulatorSettings(key=key, response_shape=response_shape), port=0)
     server.start_in_thread()
     return server
 
@@ -260,5 +259,5 @@ def test_keep_alive_connection_is_reused(emulator: EmulatorServer) -> None:
 
 def test_config_rejects_unknown_shape() -> None:
     """An unknown response_shape is refused when the config is built."""
-    with pytest.raises(ValueError, match="response_shape"):
-        EmulatorConfig(response_shape="tensor")
+    with pytest.raises(ConfigError, match=r"emulator\.response_shape"):
+        EmulatorSettings(response_shape="tensor")

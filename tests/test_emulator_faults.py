@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from emulator import EmulatorConfig, EmulatorServer, FaultPlan
+from emulator import EmulatorServer, EmulatorSettings, FaultPlan
 from emulator.faults import TRUNCATED_BODY, draw
+from pipeline.errors import ConfigError
 from tests.test_emulator import KEY, gradient, png
 
 Start = Callable[..., EmulatorServer]
@@ -27,8 +28,7 @@ def emulators(key: str, **defaults: Any) -> Iterator[Start]:
     servers: list[EmulatorServer] = []
 
     def make(**faults: Any) -> EmulatorServer:
-        plan = FaultPlan(**{**defaults, **faults})
-        server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0, key=key, faults=plan))
+        server = EmulatorServer(EmulatorSettings(key=key, **{**defaults, **faults}), port=0)
         server.start_in_thread()
         servers.append(server)
         return server
@@ -156,24 +156,25 @@ def test_stats_count_embedded_images_only_in_full_answers(start: Start) -> None:
 
 
 def test_fault_plan_validation() -> None:
-    """Rates outside [0, 1], adding up past 1, or negative latencies are refused."""
-    with pytest.raises(ValueError, match="rate_429"):
+    """Rates outside [0, 1], adding up past 1, or negative latencies are refused, by name."""
+    with pytest.raises(ConfigError, match=r"emulator\.rate_429"):
         FaultPlan(rate_429=1.5)
-    with pytest.raises(ValueError, match="add up"):
-        FaultPlan(rate_429=0.6, rate_500=0.6)
-    with pytest.raises(ValueError, match="latency_ms"):
+    with pytest.raises(ConfigError, match="add up"):
+        EmulatorSettings(rate_429=0.6, rate_500=0.6)
+    with pytest.raises(ConfigError, match=r"emulator\.latency_ms"):
         FaultPlan(latency_ms=-1)
 
 
 def test_cli_builds_the_fault_plan_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`pacs-embed emulator` hands every [emulator] fault setting to the server's FaultPlan."""
+    """`pacs-embed emulator` hands the [emulator] section, every fault setting in it, to the
+    server as is: the section is the server's fault plan."""
     import emulator.server
     from pacs_embed import cli
 
-    built: list[EmulatorConfig] = []
+    built: list[EmulatorSettings] = []
 
     class Recorder:
-        def __init__(self, config: EmulatorConfig) -> None:
+        def __init__(self, config: EmulatorSettings) -> None:
             built.append(config)
 
         def serve_forever(self) -> None:
@@ -203,7 +204,7 @@ def test_cli_builds_the_fault_plan_from_settings(monkeypatch: pytest.MonkeyPatch
     for name, value in settings.items():
         monkeypatch.setenv(f"PACS_EMBED_EMULATOR__{name}", value)
     assert cli.main(["emulator"]) == 0
-    assert built[0].faults == FaultPlan(
+    assert built[0] == EmulatorSettings(
         latency_ms=5,
         latency_per_image_ms=2,
         capacity=3,

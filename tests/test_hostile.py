@@ -26,8 +26,7 @@ import pytest
 import redis
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from pipeline import ledger as ledger_keys
-from pipeline.store import series_key
+from pipeline import keys
 from tests import hostile
 from tests.daemon import Daemon, descendants
 from tests.hostile import (
@@ -167,9 +166,9 @@ def final_states(connection: redis.Redis, uids: list[str]) -> dict[str, str | No
     out: dict[str, str | None] = {}
     with connection.pipeline() as pipe:
         for uid in uids:
-            pipe.sismember(ledger_keys.EMBEDDED, uid)
-            pipe.hexists(ledger_keys.FAILED, uid)
-            pipe.hexists(ledger_keys.SKIPPED, uid)
+            pipe.sismember(keys.EMBEDDED, uid)
+            pipe.hexists(keys.FAILED, uid)
+            pipe.hexists(keys.SKIPPED, uid)
         flags = pipe.execute()
     for i, uid in enumerate(uids):
         embedded, failed, skipped = flags[3 * i : 3 * i + 3]
@@ -180,7 +179,7 @@ def final_states(connection: redis.Redis, uids: list[str]) -> dict[str, str | No
 
 
 def failure_reason(connection: redis.Redis, uid: str) -> str:
-    raw = connection.hget(ledger_keys.FAILED, uid)
+    raw = connection.hget(keys.FAILED, uid)
     if raw is None:
         return ""
     try:
@@ -400,7 +399,7 @@ def test_twelve_simultaneous_sends_embed_once(campaign: Campaign) -> None:
     uid = case.sop_instance_uid
     assert final_states(campaign.connection, [uid])[uid] == "embedded"
     series = hostile.uid("simultaneous/series")
-    counted = campaign.connection.hget(series_key(series), "count")
+    counted = campaign.connection.hget(keys.series_key(series), "count")
     assert counted is not None and int(counted) == 1, f"series count {counted!r}"
     enqueued = sum(
         line.get("images", 0)

@@ -34,7 +34,7 @@ from pydicom.data import get_testdata_file
 from pydicom.data.data_manager import DATA_ROOT, DataTypes, external_data_sources
 from pydicom.uid import UID, generate_uid
 
-from pipeline.ledger import EMBEDDED, FAILED, RECEIVED, SKIPPED
+from pipeline.keys import EMBEDDED, FAILED, RECEIVED, SKIPPED
 from tests.daemon import AE_TITLE, Daemon, dcmtk_env
 from tests.orthanc import Orthanc, OrthancError, available
 

@@ -12,11 +12,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pipeline.embed.limiter import RedisLimiter, limiter_key
+from pipeline.embed.limiter import RedisLimiter
 from pipeline.errors import TransientEndpointError
+from pipeline.keys import inflight_key
 from tests.conftest import free_port
 
-KEY = limiter_key("http://127.0.0.1:1/score", "test")
+KEY = inflight_key("http://127.0.0.1:1/score", "test")
 
 
 def test_limit_is_enforced_and_a_release_frees_a_slot(redis_conn: redis.Redis) -> None:
@@ -163,8 +164,8 @@ def test_redis_down_is_a_transient_error() -> None:
 
 def test_keys_differ_per_deployment() -> None:
     """Two deployments behind one endpoint get separate limits; the key holds no URL text."""
-    assert limiter_key("https://e/score", "a") != limiter_key("https://e/score", "b")
-    assert "https" not in limiter_key("https://e/score")
+    assert inflight_key("https://e/score", "a") != inflight_key("https://e/score", "b")
+    assert "https" not in inflight_key("https://e/score")
 
 
 def test_bad_arguments_are_refused(redis_conn: redis.Redis) -> None:

@@ -13,15 +13,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from structlog.testing import capture_logs
 
-from emulator import EmulatorConfig, EmulatorServer
+from emulator import EmulatorServer, EmulatorSettings
 from pacs_embed.services import admin_server, metrics_collector
-from pipeline.embed import EndpointClient, RedisLimiter, limiter_key
+from pipeline.embed import EndpointClient, RedisLimiter
+from pipeline.keys import inflight_key
 from pipeline.metrics import EndpointMetrics, FleetCollector, render
 from pipeline.settings import Settings
 from tests.conftest import free_port
 from tests.test_emulator import FaultOnce, gradient, png
 
-PREFIX = "pacs_embed_endpoint_"
+METRIC_PREFIX = "pacs_embed_endpoint_"
 
 
 def samples(collector: FleetCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -44,20 +45,20 @@ def test_two_processes_add_up(redis_conn: redis.Redis) -> None:
     one.retry("timeout")
     one.slot_wait(0.003)
     got = samples(FleetCollector(redis_conn))
-    assert got[(f"{PREFIX}requests_total", (("status", "200"),))] == 2
-    assert got[(f"{PREFIX}requests_total", (("status", "429"),))] == 1
-    assert got[(f"{PREFIX}retries_total", (("reason", "429"),))] == 1
-    assert got[(f"{PREFIX}retries_total", (("reason", "timeout"),))] == 1
-    assert got[(f"{PREFIX}request_bytes_total", ())] == 2000
-    assert got[(f"{PREFIX}images_total", ())] == 24
-    bucket = f"{PREFIX}request_seconds_bucket"
+    assert got[(f"{METRIC_PREFIX}requests_total", (("status", "200"),))] == 2
+    assert got[(f"{METRIC_PREFIX}requests_total", (("status", "429"),))] == 1
+    assert got[(f"{METRIC_PREFIX}retries_total", (("reason", "429"),))] == 1
+    assert got[(f"{METRIC_PREFIX}retries_total", (("reason", "timeout"),))] == 1
+    assert got[(f"{METRIC_PREFIX}request_bytes_total", ())] == 2000
+    assert got[(f"{METRIC_PREFIX}images_total", ())] == 24
+    bucket = f"{METRIC_PREFIX}request_seconds_bucket"
     assert got[(bucket, (("le", "0.05"),))] == 1  # cumulative: 0.01
     assert got[(bucket, (("le", "0.25"),))] == 2  # + 0.2
     assert got[(bucket, (("le", "1.0"),))] == 3  # + 0.7
     assert got[(bucket, (("le", "+Inf"),))] == 3
-    assert got[(f"{PREFIX}request_seconds_count", ())] == 3
-    assert got[(f"{PREFIX}request_seconds_sum", ())] == pytest.approx(0.91)
-    assert got[(f"{PREFIX}slot_wait_seconds_count", ())] == 1
+    assert got[(f"{METRIC_PREFIX}request_seconds_count", ())] == 3
+    assert got[(f"{METRIC_PREFIX}request_seconds_sum", ())] == pytest.approx(0.91)
+    assert got[(f"{METRIC_PREFIX}slot_wait_seconds_count", ())] == 1
 
 
 def test_images_per_second_over_the_last_minute(redis_conn: redis.Redis) -> None:
@@ -69,14 +70,14 @@ def test_images_per_second_over_the_last_minute(redis_conn: redis.Redis) -> None
         status="200", seconds=0.1, bytes_sent=1, images=30
     )
     at = FleetCollector(redis_conn, clock=lambda: 1_061.0)  # buckets 100..105 are full
-    assert samples(at)[(f"{PREFIX}images_per_second", ())] == 2.0
+    assert samples(at)[(f"{METRIC_PREFIX}images_per_second", ())] == 2.0
     later = FleetCollector(redis_conn, clock=lambda: 1_065.0 + 60)
-    assert samples(later)[(f"{PREFIX}images_per_second", ())] == 0.0
+    assert samples(later)[(f"{METRIC_PREFIX}images_per_second", ())] == 0.0
 
 
 def test_client_reports_attempts_retries_and_images(redis_conn: redis.Redis) -> None:
     """An EndpointClient with metrics counts each attempt by status, the retry and the images."""
-    server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0))
+    server = EmulatorServer(EmulatorSettings(), port=0)
     server.start_in_thread()
     try:
         with EndpointClient(
@@ -89,11 +90,11 @@ def test_client_reports_attempts_retries_and_images(redis_conn: redis.Redis) -> 
     finally:
         server.shutdown()
     got = samples(FleetCollector(redis_conn))
-    assert got[(f"{PREFIX}requests_total", (("status", "503"),))] == 1
-    assert got[(f"{PREFIX}requests_total", (("status", "200"),))] == 1
-    assert got[(f"{PREFIX}retries_total", (("reason", "503"),))] == 1
-    assert got[(f"{PREFIX}images_total", ())] == 2
-    assert got[(f"{PREFIX}request_bytes_total", ())] > 0
+    assert got[(f"{METRIC_PREFIX}requests_total", (("status", "503"),))] == 1
+    assert got[(f"{METRIC_PREFIX}requests_total", (("status", "200"),))] == 1
+    assert got[(f"{METRIC_PREFIX}retries_total", (("reason", "503"),))] == 1
+    assert got[(f"{METRIC_PREFIX}images_total", ())] == 2
+    assert got[(f"{METRIC_PREFIX}request_bytes_total", ())] > 0
 
 
 def test_a_redis_outage_does_not_fail_the_request() -> None:
@@ -118,7 +119,7 @@ def test_metrics_route_needs_the_token_and_shows_in_flight(
         admin={"host": "127.0.0.1", "port": free_port(), "token": "t0ken"},
         endpoint={"url": url, "max_in_flight": 3},
     )
-    lease = RedisLimiter(redis_conn, limiter_key(url), 3).acquire(1)
+    lease = RedisLimiter(redis_conn, inflight_key(url), 3).acquire(1)
     EndpointMetrics(redis_conn).attempt(status="200", seconds=0.1, bytes_sent=10, images=4)
     admin = admin_server(settings, redis_conn)
     admin.start_in_thread()
@@ -138,14 +139,14 @@ def test_metrics_route_needs_the_token_and_shows_in_flight(
         assert lease is not None
         lease.release()
     assert content_type.startswith("text/plain")
-    assert f"{PREFIX}images_total 4.0" in text
-    assert f"{PREFIX}in_flight 1.0" in text
-    assert f"{PREFIX}in_flight_limit 3.0" in text
+    assert f"{METRIC_PREFIX}images_total 4.0" in text
+    assert f"{METRIC_PREFIX}in_flight 1.0" in text
+    assert f"{METRIC_PREFIX}in_flight_limit 3.0" in text
 
 
 def test_no_limit_no_in_flight_gauge(redis_conn: redis.Redis) -> None:
     """With the in-flight limit off (0) the collector does not invent a gauge for it."""
     settings = Settings.load(endpoint={"url": "http://127.0.0.1:9/score", "max_in_flight": 0})
     names = {name for name, _ in samples(metrics_collector(settings, redis_conn))}
-    assert f"{PREFIX}in_flight" not in names
-    assert f"{PREFIX}requests_total" not in names  # nothing recorded yet: no labelled samples
+    assert f"{METRIC_PREFIX}in_flight" not in names
+    assert f"{METRIC_PREFIX}requests_total" not in names  # nothing recorded yet: no samples

@@ -9,9 +9,10 @@ from rq import Queue, SimpleWorker
 from pipeline.detect.detector import build_detector
 from pipeline.embed.auth import entra_credential
 from pipeline.embed.client import EndpointClient
-from pipeline.embed.limiter import RedisLimiter, limiter_key
+from pipeline.embed.limiter import RedisLimiter
 from pipeline.errors import ConfigError
 from pipeline.jobs import EMBED_QUEUE
+from pipeline.keys import inflight_key
 from pipeline.ledger import Ledger
 from pipeline.metrics import EndpointMetrics
 from pipeline.settings import Settings
@@ -45,24 +46,11 @@ def build_client(settings: Settings, connection: redis.Redis | None = None) -> E
         if ep.in_flight_limit:
             limiter = RedisLimiter(
                 connection,
-                limiter_key(ep.url, ep.deployment),
+                inflight_key(ep.url, ep.deployment),
                 ep.in_flight_limit,
                 lease_seconds=ep.lease_seconds,
             )
-    return EndpointClient(
-        ep.url,
-        key=key,
-        credential=credential,
-        deployment=ep.deployment,
-        connect_timeout=ep.connect_timeout,
-        read_timeout=ep.read_timeout,
-        max_attempts=ep.max_attempts,
-        backoff_base=ep.backoff_base,
-        backoff_max=ep.backoff_max,
-        deadline=ep.deadline,
-        limiter=limiter,
-        metrics=metrics,
-    )
+    return EndpointClient(ep, key=key, credential=credential, limiter=limiter, metrics=metrics)
 
 
 def run_worker(settings: Settings, connection: redis.Redis, *, burst: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""DICOM image -> the 8-bit 512x512 PNG input of MedImageInsight (DESIGN.md §4).
+"""DICOM image -> the 8-bit 512x512 PNG input of MedImageInsight (docs/architecture.md §8).
 
 Public API::
 

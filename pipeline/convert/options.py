@@ -1,148 +1,66 @@
 """What a conversion is asked to do (:class:`ConvertOptions`) and what it returns.
 
-Both are frozen dataclasses of plain values so they pickle cheaply into the converter
-``ProcessPoolExecutor`` and back. Options are checked once, when built, so a bad setting fails
-at start-up with the setting's name instead of quarantining every image later.
+``ConvertOptions`` is the [convert] section (:class:`pipeline.sections.ConvertSettings`, where
+every option is declared with its default and its rules) plus the site's body part aliases: a
+frozen pydantic value that pickles cheaply into the converter ``ProcessPoolExecutor``, checked
+once when built, so a bad setting fails at start-up with the setting's name instead of
+quarantining every image later. ``ConvertedImage`` comes back.
 
-Per-modality rules (:class:`ModalityRule`) override the global values field by field;
+Per-modality rules (:class:`ModalityRule`) override the global values key by key;
 :meth:`ConvertOptions.for_modality` resolves them once per object into plain options, so the
 pixel code never looks at modalities.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydantic import Field
 
 from pipeline.errors import ConfigError
-from pipeline.vocabulary import DEFAULT_EMBED_MODALITIES, DEFAULT_SKIP_SOP_CLASSES
+from pipeline.sections import ConvertSettings, ModalityRule
 
-#: Output side in pixels: the MedImageInsight endpoint resizes every image to exactly 512x512,
-#: so sending that size saves bandwidth without changing what the model sees.
-DEFAULT_SIZE = 512
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
-#: Sampling policies, for the frames of a multi-frame object and the slices of a series (§4.5).
-FRAME_POLICIES = ("all", "middle", "every_n", "max_k")
-
-#: Percentiles stretched to black/white when the header carries no VOI (window or VOI LUT).
-DEFAULT_PERCENTILES = (0.5, 99.5)
-
-#: Rows*Columns*Frames above which an object is refused: a decompression-bomb guard. 200 M
-#: pixels is ~400 MB of 16-bit data, more than any real radiograph or CT volume in one object.
-DEFAULT_MAX_PIXELS = 200_000_000
-
-#: Bytes the conversion may decode: the selected frames' stored values, and an inflated Deflated
-#: data set. 1 GiB holds 250 frames of a 2000x2000 16-bit cine; a 2 MB deflated file claiming
-#: more is a zip bomb, refused before it is inflated.
-DEFAULT_MAX_DECODED_BYTES = 1 << 30
+__all__ = [
+    "ConvertOptions",
+    "ConvertedImage",
+    "ModalityRule",
+    "select_frames",
+    "series_skip_reason",
+]
 
 
-def _check_policy(name: str, policy: str | None, param: int | None) -> None:
-    if policy is not None and policy not in FRAME_POLICIES:
-        raise ConfigError(
-            f"convert {name}_policy must be one of {', '.join(FRAME_POLICIES)}, got {policy!r}"
-        )
-    if param is not None and param < 1:
-        raise ConfigError(f"convert {name}_param must be >= 1, got {param}")
+class ConvertOptions(ConvertSettings):
+    """How to turn one DICOM object into PNGs: [convert] as the conversion pool receives it.
 
-
-def _check_overridable(options: ModalityRule | ConvertOptions) -> None:
-    """The checks of the fields a :class:`ModalityRule` can override (None: not overridden)."""
-    _check_policy("frame", options.frame_policy, options.frame_param)
-    _check_policy("series", options.series_policy, options.series_param)
-    window = options.preset_window
-    if window is not None and not window[1] >= 1.0:
-        raise ConfigError(
-            f"convert preset_window width must be >= 1 (PS3.3 C.11.2.1.2), got {window}"
-        )
-    if options.window_index is not None and options.window_index < 0:
-        raise ConfigError(f"convert window_index must be >= 0, got {options.window_index}")
-
-
-@dataclass(frozen=True)
-class ModalityRule:
-    """Overrides for one Modality (e.g. ``CT``); None keeps the global value.
-
-    ``window_explanation`` selects the Window Center/Width pair whose Explanation matches
-    (case-insensitive), before ``window_index``; ``preset_window`` (center, width, in modality
-    units such as HU) applies only when the header has no VOI at all.
+    ``size`` 0 keeps the native size (used to compare with DCMTK before resizing).
     """
 
-    window_index: int | None = None
-    window_explanation: str | None = None
-    preset_window: tuple[float, float] | None = None
-    frame_policy: str | None = None
-    frame_param: int | None = None
-    series_policy: str | None = None
-    series_param: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_overridable(self)
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """How to turn one DICOM object into PNGs; validated on construction (raises ConfigError).
-
-    ``size`` 0 or None keeps the native size (used to compare with DCMTK before resizing).
-    ``window_index`` picks the Window Center/Width pair; an object with fewer pairs uses its first.
-    ``modalities`` holds (Modality, rule) pairs; a tuple, not a dict, so the options stay hashable.
-    """
-
-    size: int | None = DEFAULT_SIZE
-    frame_policy: str = "middle"
-    frame_param: int = 1
-    series_policy: str = "all"
-    series_param: int = 1
-    window_index: int = 0
-    window_explanation: str | None = None
-    preset_window: tuple[float, float] | None = None
-    percentiles: tuple[float, float] = DEFAULT_PERCENTILES
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
-    modalities: tuple[tuple[str, ModalityRule], ...] = ()
-    embed_modalities: tuple[str, ...] = DEFAULT_EMBED_MODALITIES
-    skip_sop_classes: tuple[str, ...] = DEFAULT_SKIP_SOP_CLASSES
     #: The site's Body Part Examined spellings (``detect.body_part_aliases``), so a body part
     #: leaves the listener host already normalised.
-    body_part_aliases: tuple[tuple[str, str], ...] = ()
+    body_part_aliases: dict[str, str] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.size is not None and self.size < 0:
-            raise ConfigError(f"convert size must be >= 0 (0 = native), got {self.size}")
-        _check_overridable(self)
-        lo, hi = self.percentiles
-        if not 0.0 <= lo < hi <= 100.0:
-            raise ConfigError(
-                f"convert percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}"
-            )
-        if self.max_pixels < 1:
-            raise ConfigError(f"convert max_pixels must be >= 1, got {self.max_pixels}")
-        if self.max_decoded_bytes < 1:
-            raise ConfigError(
-                f"convert max_decoded_bytes must be >= 1, got {self.max_decoded_bytes}"
-            )
-        names = [name for name, _rule in self.modalities]
-        for name in names:
-            if not name or name != name.strip().upper() or len(name) > 16:
-                raise ConfigError(f"convert modality {name!r} must be an upper-case code like CT")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"convert modalities are listed twice: {sorted(names)}")
-        for code in self.embed_modalities:
-            if not code or code != code.strip().upper() or len(code) > 16:
-                raise ConfigError(f"convert embed_modalities: {code!r} is not a code like CT")
+    @classmethod
+    def from_settings(cls, settings: Settings, *, native_size: bool = False) -> ConvertOptions:
+        """The daemon's options: [convert] with the detect section's body part aliases."""
+        return cls(
+            **{
+                **dict(settings.convert),
+                "size": 0 if native_size else settings.convert.size,
+                "body_part_aliases": settings.detect.body_part_aliases,
+            }
+        )
 
     def for_modality(self, modality: str) -> ConvertOptions:
         """These options with the rule of ``modality`` (if any) applied, and no rules left."""
-        rule = dict(self.modalities).get(modality.strip().upper())
+        rule = self.modality.get(modality.strip().upper())
         if rule is None:
-            return dataclasses.replace(self, modalities=()) if self.modalities else self
-        overrides = {
-            f.name: getattr(rule, f.name)
-            for f in dataclasses.fields(rule)
-            if getattr(rule, f.name) is not None
-        }
-        return dataclasses.replace(self, modalities=(), **overrides)
+            return self.model_copy(update={"modality": {}}) if self.modality else self
+        overrides = {key: value for key, value in rule if value is not None}
+        return self.model_copy(update={**overrides, "modality": {}})
 
 
 @dataclass(frozen=True)

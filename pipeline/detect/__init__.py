@@ -1,5 +1,5 @@
-"""Verdicts for embedded images (DESIGN §6): is this image like its peers, and does the picture
-agree with its header's label?
+"""Verdicts for embedded images (docs/architecture.md §9): is this image like its peers, and
+does the picture agree with its header's label?
 
 Modules, in the order a verdict is made::
 

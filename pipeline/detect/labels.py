@@ -17,7 +17,6 @@ unrelated spaces (see emulator/model.py).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol, cast
@@ -31,7 +30,7 @@ from pipeline.detect.scoring import Doubles, Floats, unit_rows
 from pipeline.detect.verdict import LabelVerdict
 from pipeline.embed.contract import EmbedResult, Row
 from pipeline.errors import EndpointError
-from pipeline.ledger import PREFIX
+from pipeline.keys import prompt_cache_key
 
 log = structlog.get_logger(__name__)
 
@@ -85,12 +84,6 @@ def judge(
     )
 
 
-def cache_key(endpoint_url: str, deployment: str | None) -> str:
-    """One Redis hash per model: prompt text -> float32 vector (URLs are hashed, not stored)."""
-    digest = hashlib.sha256(f"{endpoint_url}\n{deployment or ''}".encode()).hexdigest()[:24]
-    return f"{PREFIX}:text:{digest}"
-
-
 class PromptEmbeddings:
     """The prompts' text embeddings and the scaling factor: memory, else Redis, else endpoint."""
 
@@ -104,7 +97,7 @@ class PromptEmbeddings:
     ) -> None:
         self.redis = connection
         self.client = client
-        self.key = cache_key(endpoint_url, deployment)
+        self.key = prompt_cache_key(endpoint_url, deployment)
         self.labels = sorted(prompts)
         self.texts = [prompts[label] for label in self.labels]
         self._loaded: tuple[Floats, float] | None = None

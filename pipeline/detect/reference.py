@@ -1,13 +1,8 @@
 """Reference sets in Redis, one per cohort, shared by every worker on every host.
 
-Keys (the ``{cohort}`` hash tag keeps a cohort's keys in one Redis Cluster slot, so one
-transaction may touch them all)::
-
-    pe:ref:{CR/CHEST}:meta   hash    generation, version, size, k, dim, state
-    pe:ref:{CR/CHEST}:vec    string  size x dim float32 rows, appended
-    pe:ref:{CR/CHEST}:knn    string  size x k float32 neighbour table (see scoring.py)
-    pe:ref:{CR/CHEST}:uids   list    SOP Instance UID of each row ("" for imported rows)
-    pe:ref:cohorts           set     every cohort that has a reference
+Keys: see "Reference sets" in pipeline/keys.py (``pe:ref:{CR/CHEST}:meta``, ``:vec``, ``:knn``,
+``:uids``, and ``pe:ref:cohorts``). The ``{cohort}`` hash tag keeps a cohort's keys in one Redis
+Cluster slot, so one transaction may touch them all.
 
 Concurrency: a writer WATCHes the meta hash, reads the state, computes with numpy and writes the
 next state with version + 1 in one MULTI. If another writer committed in between, EXEC fails and
@@ -35,20 +30,13 @@ from pipeline.detect import admission
 from pipeline.detect.admission import Admission, Plan, Snapshot
 from pipeline.detect.scoring import Floats, neighbour_table, unit_rows
 from pipeline.detect.verdict import BOOTSTRAP, SCORED
-from pipeline.ledger import PREFIX
+from pipeline.keys import REF_COHORTS, reference_keys
 
 log = structlog.get_logger(__name__)
-
-COHORTS = f"{PREFIX}:ref:cohorts"
 
 #: Optimistic-transaction attempts before an admission is given up (logged, never raised:
 #: a reference missing a few images is still a valid reference).
 MAX_ATTEMPTS = 50
-
-
-def keys(cohort: str) -> dict[str, str]:
-    base = f"{PREFIX}:ref:{{{cohort}}}"
-    return {name: f"{base}:{name}" for name in ("meta", "vec", "knn", "uids")}
 
 
 class ReferenceStore:
@@ -73,7 +61,9 @@ class ReferenceStore:
     def snapshot(self, cohort: str) -> Snapshot:
         """The cohort's current reference (cached; one round trip when unchanged)."""
         cached = self._cache.get(cohort)
-        generation, version = self.redis.hmget(keys(cohort)["meta"], ["generation", "version"])
+        generation, version = self.redis.hmget(
+            reference_keys(cohort)["meta"], ["generation", "version"]
+        )
         if generation is None:
             self._cache.pop(cohort, None)
             return Snapshot.empty(cohort, self.dim, self.policy)
@@ -89,7 +79,9 @@ class ReferenceStore:
         """Fetch what changed since the cached snapshot; everything if the generation moved."""
         cached = self._cache.get(cohort)
         if not atomic and cached is not None:  # under WATCH: a moved version fails the EXEC
-            generation, version = conn.hmget(keys(cohort)["meta"], ["generation", "version"])
+            generation, version = conn.hmget(
+                reference_keys(cohort)["meta"], ["generation", "version"]
+            )
             if _text(generation) == cached.generation and _text(version) == str(cached.version):
                 return cached
         for start in ((cached.size if cached else 0), 0):
@@ -126,7 +118,7 @@ class ReferenceStore:
         raise AssertionError("unreachable: the second pass fetches from row 0")
 
     def _read(self, conn: Any, cohort: str, start: int, atomic: bool) -> list[Any]:
-        key = keys(cohort)
+        key = reference_keys(cohort)
         offset = start * self.dim * 4
         if atomic:
             with conn.pipeline(transaction=True) as pipe:
@@ -144,7 +136,7 @@ class ReferenceStore:
         ]
 
     def cohorts(self) -> list[str]:
-        return sorted(_text(c) for c in self.redis.smembers(COHORTS))
+        return sorted(_text(c) for c in self.redis.smembers(REF_COHORTS))
 
     # -- writing ------------------------------------------------------------------------------
     def admit(self, cohort: str, vectors: Floats, uids: Sequence[str]) -> Admission:
@@ -177,13 +169,13 @@ class ReferenceStore:
 
     def delete(self, cohort: str) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(*keys(cohort).values())
-            pipe.srem(COHORTS, cohort)
+            pipe.delete(*reference_keys(cohort).values())
+            pipe.srem(REF_COHORTS, cohort)
             pipe.execute()
         self._cache.pop(cohort, None)
 
     def _transact(self, cohort: str, make_plan: Any) -> Admission:
-        key = keys(cohort)
+        key = reference_keys(cohort)
         for _attempt in range(MAX_ATTEMPTS):
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -197,7 +189,7 @@ class ReferenceStore:
                     pipe.execute()
                 except redis.WatchError:
                     continue
-            self.redis.sadd(COHORTS, cohort)  # global key, outside the cohort's slot
+            self.redis.sadd(REF_COHORTS, cohort)  # global key, outside the cohort's slot
             after = plan.snapshot(snap, self.policy)
             self._cache[cohort] = after
             return Admission(after, plan.admitted, plan.trimmed)
@@ -207,7 +199,7 @@ class ReferenceStore:
         )
 
     def _write(self, pipe: Any, snap: Snapshot, plan: Plan) -> None:
-        key = keys(snap.cohort)
+        key = reference_keys(snap.cohort)
         rebuild = plan.rebuild or snap.size == 0
         plan.generation = uuid.uuid4().hex[:12] if rebuild else snap.generation
         plan.version = snap.version + 1

@@ -9,7 +9,7 @@ the HTTP.
 from pipeline.embed.auth import AZURE_ML_SCOPE, TokenCache, entra_credential
 from pipeline.embed.client import EndpointClient
 from pipeline.embed.contract import EMBEDDING_DIM, EmbedResult, Row, build_request, parse_response
-from pipeline.embed.limiter import RedisLimiter, limiter_key
+from pipeline.embed.limiter import RedisLimiter
 
 __all__ = [
     "AZURE_ML_SCOPE",
@@ -21,6 +21,5 @@ __all__ = [
     "TokenCache",
     "build_request",
     "entra_credential",
-    "limiter_key",
     "parse_response",
 ]

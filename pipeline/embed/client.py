@@ -42,12 +42,14 @@ from pipeline.embed.retry import (
     retry_after_seconds,
 )
 from pipeline.errors import (
+    ConfigError,
     EndpointAuthError,
     PermanentEndpointError,
     ResponseFormatError,
     TransientEndpointError,
 )
 from pipeline.metrics import NO_METRICS, RequestMetrics
+from pipeline.sections import EndpointSettings
 
 __all__ = ["AZURE_ML_SCOPE", "EndpointClient", "RequestMetrics", "TokenCredential"]
 
@@ -69,47 +71,31 @@ class EndpointClient:
 
     def __init__(
         self,
-        url: str,
+        endpoint: EndpointSettings | str,
         *,
         key: str | None = None,
         credential: TokenCredential | None = None,
-        deployment: str | None = None,
         transport: httpx.BaseTransport | None = None,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 120.0,
-        max_attempts: int = 6,
-        backoff_base: float = 0.5,
-        backoff_max: float = 30.0,
-        deadline: float = 600.0,
         limiter: InFlightLimiter | None = None,
         metrics: RequestMetrics | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``endpoint``: the [endpoint] section (URL, deployment, timeouts, retries, deadline),
+        or a scoring URI alone with the default settings. ``key`` (the section's secret, read
+        from the environment or its file) or ``credential`` authenticates; ``transport``,
+        ``sleep``, ``rng`` and ``clock`` are for tests."""
+        if isinstance(endpoint, str):
+            endpoint = EndpointSettings(url=endpoint)
+        if not endpoint.url:
+            raise ConfigError("endpoint.url is not set (PACS_EMBED_ENDPOINT__URL)")
         if key is not None and credential is not None:
             raise ValueError("give either key or credential, not both")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-        for name, value in (
-            ("connect_timeout", connect_timeout),
-            ("read_timeout", read_timeout),
-            ("backoff_base", backoff_base),
-            ("backoff_max", backoff_max),
-            ("deadline", deadline),
-        ):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        self._url = url
+        self._url = endpoint.url
+        self._endpoint = endpoint
         self._key = key or None
         self._tokens = TokenCache(credential) if credential is not None else None
-        self._deployment = deployment
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._max_attempts = max_attempts
-        self._backoff_base = backoff_base
-        self._backoff_max = backoff_max
-        self._deadline = deadline
         self._limiter = limiter
         self._metrics: RequestMetrics = metrics or NO_METRICS
         self._sleep = sleep
@@ -117,7 +103,7 @@ class EndpointClient:
         self._clock = clock
         self._http = httpx.Client(
             transport=transport,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            timeout=httpx.Timeout(endpoint.read_timeout, connect=endpoint.connect_timeout),
             headers={"user-agent": "pacs-embed", "content-type": "application/json"},
         )
 
@@ -142,7 +128,7 @@ class EndpointClient:
         if not rows:
             empty = np.empty((0, EMBEDDING_DIM), dtype=np.float32)
             return EmbedResult(image=empty, text=empty.copy(), scaling_factor=None)
-        return self._embed(rows, self._clock() + self._deadline)
+        return self._embed(rows, self._clock() + self._endpoint.deadline)
 
     def embed_images(self, pngs: Sequence[bytes]) -> Matrix:
         """``(len(pngs), EMBEDDING_DIM)`` float32 L2-normalised image embeddings."""
@@ -166,7 +152,7 @@ class EndpointClient:
         content = json.dumps(build_request(rows), separators=(",", ":")).encode()
         failure = Failure("no attempt made", "none")
         attempts = 0
-        while attempts < self._max_attempts:
+        while attempts < self._endpoint.max_attempts:
             if deadline_at - self._clock() <= 0:
                 break
             attempts += 1
@@ -174,13 +160,13 @@ class EndpointClient:
             if isinstance(outcome, EmbedResult):
                 return outcome
             failure = outcome
-            if attempts >= self._max_attempts:
+            if attempts >= self._endpoint.max_attempts:
                 break
             delay = next_delay(
                 attempts - 1,
                 failure.retry_after,
-                base=self._backoff_base,
-                cap=self._backoff_max,
+                base=self._endpoint.backoff_base,
+                cap=self._endpoint.backoff_max,
                 rng=self._rng,
             )
             if self._clock() + delay >= deadline_at:
@@ -199,8 +185,8 @@ class EndpointClient:
             self._sleep(delay)
         raise TransientEndpointError(
             self._redact(
-                f"endpoint failed {attempts} time(s) (max_attempts {self._max_attempts}, "
-                f"deadline {self._deadline:g} s): {failure.message}"
+                f"endpoint failed {attempts} time(s) (max_attempts {self._endpoint.max_attempts}, "
+                f"deadline {self._endpoint.deadline:g} s): {failure.message}"
             ),
             status=failure.status,
             retry_after=failure.retry_after,
@@ -220,8 +206,8 @@ class EndpointClient:
                 content=content,
                 headers=headers,
                 timeout=httpx.Timeout(
-                    min(self._read_timeout, remaining),
-                    connect=min(self._connect_timeout, remaining),
+                    min(self._endpoint.read_timeout, remaining),
+                    connect=min(self._endpoint.connect_timeout, remaining),
                 ),
             )
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
@@ -268,7 +254,7 @@ class EndpointClient:
         if lease is None:
             raise TransientEndpointError(
                 f"no in-flight slot came free (fleet-wide limit {self._limiter.limit}) "
-                f"before the deadline ({self._deadline:g} s)"
+                f"before the deadline ({self._endpoint.deadline:g} s)"
             )
         return lease
 
@@ -293,8 +279,8 @@ class EndpointClient:
             headers["authorization"] = f"Bearer {self._key}"
         elif self._tokens is not None:
             headers["authorization"] = f"Bearer {self._tokens.bearer()}"
-        if self._deployment:
-            headers[DEPLOYMENT_HEADER] = self._deployment
+        if self._endpoint.deployment:
+            headers[DEPLOYMENT_HEADER] = self._endpoint.deployment
         return headers
 
     def _redact(self, message: str) -> str:

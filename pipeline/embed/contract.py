@@ -2,7 +2,7 @@
 
 No I/O here, so every shape the endpoint may answer with is pinned by tests without a socket.
 
-Request (DESIGN §5)::
+Request (docs/architecture.md §7)::
 
     {"input_data": {"columns": ["image", "text"], "index": [0, ..., n-1],
                     "data": [[<base64 PNG or "">, <text or "">], ...]},

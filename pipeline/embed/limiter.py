@@ -4,7 +4,7 @@ Azure ML answers 429 once more than ``2 x max_concurrent_requests_per_instance x
 requests are in flight. Every worker on every host therefore takes a lease before each HTTP
 attempt and gives it back right after, so adding workers adds waiting, never 429 storms.
 
-Layout in Redis (one pair of keys per endpoint, see ``limiter_key``)::
+Layout in Redis (one pair of keys per endpoint, see ``keys.inflight_key``)::
 
     <key>        ZSET  lease id -> expiry (ms, Redis server clock)   the slots in use
     <key>:wake   LIST  one token per release, at most ``limit``       wakes one waiter
@@ -24,7 +24,6 @@ by the caller's timeout.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import threading
@@ -37,11 +36,9 @@ import redis
 import structlog
 
 from pipeline.errors import TransientEndpointError
+from pipeline.keys import wake_key
 
 log = structlog.get_logger(__name__)
-
-#: Prefix of the limiter's Redis keys.
-KEY_PREFIX = "pe:endpoint:inflight"
 
 #: A lease not renewed for this long is presumed dead and its slot reused.
 DEFAULT_LEASE_SECONDS = 30.0
@@ -117,12 +114,6 @@ class InFlightLimiter(Protocol):
     def acquire(self, timeout: float) -> Lease | None: ...
 
 
-def limiter_key(url: str, deployment: str | None = None) -> str:
-    """The Redis key of one endpoint deployment's leases: the same on every host."""
-    digest = hashlib.sha256(f"{url}\n{deployment or ''}".encode()).hexdigest()[:16]
-    return f"{KEY_PREFIX}:{digest}"
-
-
 class RedisLimiter:
     """At most ``limit`` leases alive at once, across every process sharing this Redis."""
 
@@ -141,7 +132,7 @@ class RedisLimiter:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
         self._redis = connection
         self._key = key
-        self._wake_key = f"{key}:wake"
+        self._wake_key = wake_key(key)
         self._limit = limit
         self._lease_ms = max(1, round(lease_seconds * 1000))
         self._clock = clock

@@ -1,0 +1,175 @@
+"""The Redis namespace: every key the code writes is one pipeline/keys.py declares (pattern and
+type), and nothing is written outside ``pe:`` but rq's ``rq:``.
+
+A short real run goes through every API that writes Redis (ledger, intake, health, the embed
+service with its store, reference sets and label prompts, endpoint metrics, the in-flight
+limiter, the embed queue) against a real Redis, looking at the keys after each step (a set or a
+lease emptied later disappears). A key built outside keys.py fails here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from rq import Queue
+
+from pipeline import health, keys
+from pipeline.detect.detector import Detector, reference_store
+from pipeline.detect.labels import PromptEmbeddings
+from pipeline.embed.contract import EMBEDDING_DIM, EmbedResult, Row
+from pipeline.embed.limiter import RedisLimiter
+from pipeline.intake import Event, IntakeLog, Kind
+from pipeline.jobs import EMBED_QUEUE, EmbedBatch, ImageItem, enqueue_batch
+from pipeline.ledger import Ledger, Stage
+from pipeline.metrics import EndpointMetrics
+from pipeline.settings import DetectSettings
+from pipeline.store import EmbeddingStore
+from workers.service import EmbedService
+
+URL = "http://127.0.0.1:1/score"
+SETTINGS = DetectSettings(alpha=0.05, min_reference=30, max_reference=500, k=5)
+
+
+def _unit(seed: int, n: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((n, EMBEDDING_DIM))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+class Endpoint:
+    """Images and prompts -> random unit vectors (what they mean does not matter here)."""
+
+    def embed_images(self, pngs: list[bytes]) -> np.ndarray:
+        return _unit(len(pngs), len(pngs))
+
+    def embed(self, rows: Sequence[Row]) -> EmbedResult:
+        vectors = _unit(99, len(rows))
+        return EmbedResult(image=vectors * np.nan, text=vectors, scaling_factor=4.5)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def exercise(conn: redis.Redis) -> dict[str, str]:
+    """Key -> Redis type of every key seen during a short run through every writer."""
+    seen: dict[str, str] = {}
+
+    def look() -> None:
+        for key in conn.scan_iter(count=1000):
+            seen.setdefault(_text(key), _text(conn.type(key)))
+
+    # The listener: ledger states, intake events, dispatcher health.
+    ledger = Ledger(conn)
+    uids = [f"1.2.3.{n}" for n in range(1, 14)]
+    ledger.spooled(uids)
+    ledger.converting(uids[:4])
+    look()
+    embeddable = uids[:-2]
+    for uid in embeddable:
+        ledger.converted(uid, {"modality": "CT", "body_part": "CHEST"})
+    ledger.queued(embeddable, "embed-test")
+    ledger.skipped(uids[-2], "not an image")
+    ledger.failed(uids[-1], Stage.CONVERT, "unreadable")
+    ledger.count("resends")
+    intake = IntakeLog(conn)
+    intake.record(
+        Event(Kind.REFUSED, "SOP Class not supported", "PACS", "10.0.0.1", status="0xA900")
+    )
+    intake.record(Event(Kind.NONCONFORMANT_UID, "leading zero", "PACS", "10.0.0.1"))
+    health.publish(conn, "dispatcher", {"ok": True})
+    batch = EmbedBatch(
+        "1.2.3",
+        tuple(ImageItem(uid, "1.2.3", "1.2", "CT", "Chest", 0, uid.encode()) for uid in embeddable),
+    )
+    enqueue_batch(Queue(EMBED_QUEUE, connection=conn), batch, timeout=60, retries=1)
+    look()
+
+    # A worker: store, verdicts, reference set, label prompts, endpoint metrics and limiter.
+    endpoint = Endpoint()
+    prompts = PromptEmbeddings(conn, endpoint, URL, "d1", SETTINGS.label_prompts)
+    detector = Detector(SETTINGS, reference_store(SETTINGS, conn), prompts)
+    service = EmbedService(endpoint, EmbeddingStore(conn, ledger), ledger, detector)
+    assert service.run(batch).embedded == len(embeddable)
+    metrics = EndpointMetrics(conn)
+    metrics.attempt(status="200", seconds=0.2, bytes_sent=100, images=len(embeddable))
+    metrics.retry("429")
+    metrics.slot_wait(0.01)
+    limiter = RedisLimiter(conn, keys.inflight_key(URL, "d1"), 2)
+    lease = limiter.acquire(1)
+    assert lease is not None
+    look()
+    lease.release()
+    look()
+    return seen
+
+
+@pytest.fixture
+def written(redis_conn: redis.Redis) -> dict[str, str]:
+    return exercise(redis_conn)
+
+
+def test_every_key_written_is_declared_with_its_type(written: dict[str, str]) -> None:
+    """Each ``pe:`` key matches a pattern of keys.NAMESPACE and has the type it declares."""
+    ours = {key: kind for key, kind in written.items() if key.startswith(f"{keys.PREFIX}:")}
+    undeclared = sorted(key for key in ours if keys.declared(key) is None)
+    assert not undeclared, f"keys built outside pipeline/keys.py: {undeclared}"
+    mistyped = {
+        key: (kind, declared.type)
+        for key, kind in ours.items()
+        if (declared := keys.declared(key)) is not None and declared.type != kind
+    }
+    assert not mistyped, f"key -> (actual, declared) type: {mistyped}"
+
+
+def test_every_declared_key_is_written_by_the_run(written: dict[str, str]) -> None:
+    """No dead rows: the run above exercises every pattern (so it checks them all)."""
+    used = {declared.pattern for key in written if (declared := keys.declared(key)) is not None}
+    assert sorted(k.pattern for k in keys.NAMESPACE if k.pattern not in used) == []
+
+
+def test_only_pe_and_rq_namespaces_are_written(written: dict[str, str]) -> None:
+    """An operator sharing the Redis keeps ``pe:`` and ``rq:`` free; nothing else is touched."""
+    assert any(key.startswith(f"{keys.RQ_PREFIX}:") for key in written)  # the queue was used
+    outside = sorted(
+        key for key in written if not key.startswith((f"{keys.PREFIX}:", f"{keys.RQ_PREFIX}:"))
+    )
+    assert outside == []
+
+
+def test_namespace_table_documents_every_pattern() -> None:
+    """The module docstring, which operators read, lists every declared pattern and type."""
+    doc = keys.__doc__ or ""
+    rows = {
+        line.split()[0]: line.split()[1] for line in doc.splitlines() if line.startswith("    pe:")
+    }
+    assert {k.pattern: k.type for k in keys.NAMESPACE} == rows
+
+
+def test_endpoint_identity_is_shared_and_hides_the_url() -> None:
+    """Labels and limiter name one deployment by one digest; deployments differ; no URL text."""
+    identity = keys.endpoint_identity(URL, "d1")
+    assert keys.prompt_cache_key(URL, "d1").endswith(f":{identity}")
+    assert keys.inflight_key(URL, "d1").endswith(f":{identity}")
+    assert identity != keys.endpoint_identity(URL, "d2")
+    assert identity != keys.endpoint_identity(URL)
+    assert "127.0.0.1" not in keys.inflight_key(URL) + keys.prompt_cache_key(URL)
+
+
+def test_key_strings_are_unchanged() -> None:
+    """Keys already in production Redis keep their names (the endpoint digests aside)."""
+    assert (keys.RECEIVED, keys.SPOOLED, keys.EMBEDDED) == (
+        "pe:received",
+        "pe:state:spooled",
+        "pe:embedded",
+    )
+    assert keys.instance_key("1.2") == "pe:inst:1.2"
+    assert keys.reference_keys("CR/CHEST")["meta"] == "pe:ref:{CR/CHEST}:meta"
+    assert keys.series_key("1.2") == "pe:series:1.2"
+    assert keys.health_key("dispatcher", "h:1") == "pe:health:dispatcher:h:1"
+    assert keys.images_rate_key(17) == "pe:metrics:images:17"
+    assert keys.wake_key(keys.inflight_key(URL)).endswith(":wake")
+    assert keys.inflight_key(URL).startswith("pe:endpoint:inflight:")

@@ -1,0 +1,50 @@
+"""`pacs-embed run` supervises its workers: one killed is replaced, and work goes on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests import factory
+from tests.daemon import Daemon, descendants, storescu, successes
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed"),
+]
+
+
+def workers(daemon: Daemon) -> set[int]:
+    """PIDs of `run`'s live `pacs-embed worker` children."""
+    assert daemon.proc is not None
+    found = set()
+    for pid in descendants(daemon.proc.pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in argv:
+            found.add(pid)
+    return found
+
+
+def test_a_killed_worker_is_replaced_and_work_goes_on(daemon: Daemon, tmp_path: Path) -> None:
+    """kill -9 of one embed worker: `run` starts another, and a study sent after is embedded."""
+    daemon.start()
+    daemon.wait_for(lambda: len(workers(daemon)) == 2, 30, "two workers")
+    before = workers(daemon)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_for(
+        lambda: len(workers(daemon)) == 2 and victim not in workers(daemon), 30, "a new worker"
+    )
+    assert workers(daemon) - before, "the replacement is a new process"
+    ds = factory.ct_slice(study_uid="1.2.7", series_uid="1.2.7.1", instance_number=1, rows=32)
+    sent = storescu(daemon.dicom_port, [factory.write(ds, tmp_path / "ct.dcm")])
+    assert successes(sent) == 1, sent.stdout + sent.stderr
+    daemon.wait_embedded(1, timeout=60)
+    assert any(line.get("event") == "worker.exited" for line in daemon.log_lines())
