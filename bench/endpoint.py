@@ -40,6 +40,7 @@ from rq import Queue, Worker
 from pipeline.embed.contract import Row, build_request
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, ImageItem, enqueue_batch
 from pipeline.keys import EMBEDDED, METRICS
+from pipeline.records import ImageRecord
 from tests.conftest import free_port
 
 KEY = "bench-key"
@@ -165,7 +166,16 @@ def make_batches(run: int, jobs: int, pngs: list[bytes]) -> list[EmbedBatch]:
     for job in range(1, jobs + 1):
         series = f"1.2.826.0.1.{run}.{job}"
         items = tuple(
-            ImageItem(f"{series}.{i + 1}", series, f"1.2.826.0.1.{run}", "CT", "CHEST", 0, png)
+            ImageItem(
+                ImageRecord(
+                    sop_instance_uid=f"{series}.{i + 1}",
+                    study_instance_uid=f"1.2.826.0.1.{run}",
+                    series_instance_uid=series,
+                    modality="CT",
+                    body_part="CHEST",
+                ),
+                png,
+            )
             for i, png in enumerate(pngs)
         )
         batches.append(EmbedBatch(series, items))

@@ -34,16 +34,17 @@ import redis
 from bench import radiographs
 from bench.verdicts_perf import report_performance
 from emulator.server import EmulatorServer, EmulatorSettings
+from pacs_embed.compose import build_client
 from pacs_embed.processes import PrivateRedis
 from pipeline import logs
 from pipeline.convert import to_png
 from pipeline.detect.detector import Detector, build_detector
-from pipeline.detect.verdict import InstanceVerdict
 from pipeline.jobs import EmbedBatch, ImageItem
 from pipeline.ledger import Ledger
+from pipeline.records import ImageRecord
 from pipeline.settings import Settings
 from pipeline.store import EmbeddingStore
-from workers.main import build_client
+from pipeline.verdicts import InstanceVerdict
 from workers.service import EmbedService
 
 #: Gross outliers planted among the first 100 images of the bootstrap, by stream position.
@@ -139,7 +140,14 @@ def run_corpus(args: argparse.Namespace, connection: redis.Redis) -> None:
         for n, (kind, png, body) in enumerate(rendered):
             sop, series = f"2.25.{n + 1}", f"2.25.9{n // BATCH + 1}"
             kinds[sop] = kind
-            batch.append(ImageItem(sop, series, "2.25.8", "CR", body, 0, png))
+            image = ImageRecord(
+                sop_instance_uid=sop,
+                study_instance_uid="2.25.8",
+                series_instance_uid=series,
+                modality="CR",
+                body_part=body,
+            )
+            batch.append(ImageItem(image, png))
             if len(batch) == BATCH or n == len(specs) - 1:
                 service.run(EmbedBatch(series, tuple(batch)))
                 batch = []

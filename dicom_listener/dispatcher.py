@@ -224,17 +224,10 @@ class Dispatcher:
         except Exception as exc:  # a crashed pool process, a bug: quarantine, never lose silently
             self._quarantine(sop_uid, path, "conversion crashed", f"{type(exc).__name__}: {exc}")
             return
-        self.ledger.converted(
-            sop_uid,
-            {
-                "study": image.study_instance_uid,
-                "series": image.series_instance_uid,
-                "modality": image.modality,
-                "body_part": image.body_part,
-                "decoder": image.decoder,
-            },
-        )
-        series = self._pending.setdefault(image.series_instance_uid, _Series())
+        record = image.images[0]
+        fields = {**record.instance_fields(), "decoder": image.decoder}
+        self.ledger.converted(sop_uid, fields, image.frames)
+        series = self._pending.setdefault(record.series_instance_uid, _Series())
         series.last_seen = time.monotonic()
         series.items.extend(items_of(image))
 

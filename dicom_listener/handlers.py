@@ -126,7 +126,7 @@ def handle_store(
                 Kind.REFUSED,
                 reason,
                 peer,
-                sop_class_uid=printable(sop_class),
+                sop_class_uid=loggable(sop_class),
                 status=f"0x{status:04X}",
             )
         )
@@ -179,7 +179,7 @@ def handle_accepted(event: Event, intake: IntakeLog) -> None:
     log.info("association.accepted", **peer)
     for cx in event.assoc.rejected_contexts:
         reason = CONTEXT_RESULTS.get(int(cx.result or 0), f"result {cx.result}")
-        abstract = printable(cx.abstract_syntax)
+        abstract = loggable(str(cx.abstract_syntax))
         log.info("association.context_rejected", abstract_syntax=abstract, reason=reason, **peer)
         intake.record(_event(Kind.CONTEXT_REJECTED, reason, peer, sop_class_uid=abstract))
 

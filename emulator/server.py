@@ -4,7 +4,8 @@ Its embeddings come from ``emulator.model`` (a projected thumbnail, hashed words
 that pacs-embed can run and be tested without Azure. Every response says so in the
 ``x-pacs-embed-emulator: not-a-medical-model`` header and the start-up log line repeats it.
 
-    POST /score    the request body of DESIGN §5; ``Authorization: Bearer <key>`` if a key is set
+    POST /score    the request body of docs/architecture.md §7;
+                   ``Authorization: Bearer <key>`` if a key is set
     GET  /healthz  200 while serving (also during a cold start, as a liveness probe)
     GET  /stats    what was answered, and the most requests ever in flight (``faults.Stats``)
 

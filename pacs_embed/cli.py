@@ -1,4 +1,5 @@
-"""`pacs-embed`: one console script; each subcommand builds its objects from the settings."""
+"""`pacs-embed`: one console script. Each subcommand is a small function of :data:`COMMANDS`;
+it gets the parsed arguments and the process's composition root, which builds what it uses."""
 
 from __future__ import annotations
 
@@ -7,19 +8,18 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import structlog
-
+from pacs_embed import run as run_command
 from pacs_embed import verdict_commands
+from pacs_embed.compose import Root
 from pacs_embed.processes import PARENT_PID_ENV
 from pipeline import logs
-from pipeline.errors import ConfigError, ConversionError
+from pipeline.convert import ConvertOptions, convert_file
+from pipeline.errors import ConfigError, ConversionError, SkippedError
 from pipeline.lifetime import die_with_parent
 from pipeline.settings import Settings
-
-log = structlog.get_logger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pacs-embed: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log.level, settings.log.format)
-    config_args = ["--config", str(args.config)] if args.config else []
     try:
-        return int(_dispatch(args, settings, config_args) or 0)
+        with Root(settings) as root:
+            return COMMANDS[args.command](args, root)
     except ConfigError as exc:
         print(f"pacs-embed: {exc}", file=sys.stderr)
         return 2
@@ -67,62 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _dispatch(args: argparse.Namespace, settings: Settings, config_args: list[str]) -> Any:
-    from pacs_embed import services
-
-    command = args.command
-    if command == "run":
-        from pacs_embed.run import run
-
-        return run(settings, config_args)
-    if command == "listen":
-        return _listen(settings, services.connect(settings))
-    if command == "worker":
-        from workers.main import run_worker
-
-        return run_worker(settings, services.connect(settings), burst=args.burst)
-    if command == "admin":
-        _interrupt_on_sigterm()
-        try:
-            services.admin_server(settings, services.connect(settings)).serve_forever()
-        except KeyboardInterrupt:
-            pass
-        return 0
-    if command == "emulator":
-        return _emulator(settings)
-    if command == "status":
-        from pipeline.admin.status import gather
-
-        doc = gather(services.connect(settings), settings.spool_dir, settings.quarantine_dir)
-        print(json.dumps(doc, indent=2, default=str))
-        return 0
-    if command == "convert":
-        return _convert(args, settings)
-    if command == "embeddings":
-        from pipeline.ledger import Ledger
-        from pipeline.store import EmbeddingStore
-
-        connection = services.connect(settings)
-        count = EmbeddingStore(connection, Ledger(connection)).export(args.out)
-        print(f"exported {count} embeddings to {args.out}")
-        return 0
-    if command in ("reference", "search"):
-        return verdict_commands.dispatch(args, settings, services.connect(settings))
-    raise AssertionError(command)
+# -- the commands ------------------------------------------------------------------------------
 
 
-def _wait_for_signal() -> None:
-    received: list[int] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda s, _f: received.append(s))
-    while not received:
-        signal.pause()
+def run(args: argparse.Namespace, root: Root) -> int:
+    return run_command.run(root.settings, args.config)
 
 
-def _listen(settings: Settings, connection: Any) -> int:
-    from dicom_listener.server import Listener
-
-    listener = Listener(settings, connection)
+def listen(_args: argparse.Namespace, root: Root) -> int:
+    listener = root.listener
     listener.start()
     try:
         _wait_for_signal()
@@ -131,10 +84,23 @@ def _listen(settings: Settings, connection: Any) -> int:
     return 0
 
 
-def _emulator(settings: Settings) -> int:
-    from emulator.server import EmulatorServer
+def worker(args: argparse.Namespace, root: Root) -> int:
+    root.work(burst=args.burst)
+    return 0
 
-    server = EmulatorServer(settings.emulator)
+
+def admin(_args: argparse.Namespace, root: Root) -> int:
+    server = root.admin
+    _interrupt_on_sigterm()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def emulator(_args: argparse.Namespace, root: Root) -> int:
+    server = root.emulator
     _interrupt_on_sigterm()
     try:
         server.serve_forever()
@@ -145,24 +111,16 @@ def _emulator(settings: Settings) -> int:
     return 0
 
 
-def _interrupt_on_sigterm() -> None:
-    """Let SIGTERM end a blocking serve_forever() the way Ctrl-C does."""
-
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
+def status(_args: argparse.Namespace, root: Root) -> int:
+    print(json.dumps(root.status(), indent=2, default=str))
+    return 0
 
 
-def _convert(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.convert import ConvertOptions, convert_file
-    from pipeline.errors import SkippedError
-
+def convert(args: argparse.Namespace, root: Root) -> int:
     # The daemon's own options and code path; only the final resize can be left out.
+    options = ConvertOptions.from_settings(root.settings, native_size=args.native_size)
     try:
-        image = convert_file(
-            args.input, ConvertOptions.from_settings(settings, native_size=args.native_size)
-        )
+        image = convert_file(args.input, options)
     except SkippedError as exc:
         print(f"pacs-embed: skipped, nothing written: {exc}", file=sys.stderr)
         return 3
@@ -172,7 +130,47 @@ def _convert(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     args.output.mkdir(parents=True, exist_ok=True)
     for frame, png in zip(image.frames, image.pngs, strict=True):
-        path = args.output / f"{image.sop_instance_uid}_{frame:04d}.png"
+        path = args.output / f"{image.images[0].sop_instance_uid}_{frame:04d}.png"
         path.write_bytes(png)
         print(path)
     return 0
+
+
+def embeddings(args: argparse.Namespace, root: Root) -> int:
+    count = root.store.export(args.out)  # the only action: export
+    print(f"exported {count} embeddings to {args.out}")
+    return 0
+
+
+Command = Callable[[argparse.Namespace, Root], int]
+
+#: Subcommand -> what runs it.
+COMMANDS: dict[str, Command] = {
+    "run": run,
+    "listen": listen,
+    "worker": worker,
+    "admin": admin,
+    "emulator": emulator,
+    "status": status,
+    "convert": convert,
+    "embeddings": embeddings,
+    "reference": verdict_commands.reference,
+    "search": verdict_commands.search,
+}
+
+
+def _wait_for_signal() -> None:
+    received: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda s, _f: received.append(s))
+    while not received:
+        signal.pause()
+
+
+def _interrupt_on_sigterm() -> None:
+    """Let SIGTERM end a blocking serve_forever() the way Ctrl-C does."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)

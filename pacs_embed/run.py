@@ -13,14 +13,14 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import redis
 import structlog
 
-from dicom_listener.server import Listener
+from pacs_embed.compose import Root, child_env, emulator_base_url, local_emulator
 from pacs_embed.processes import PrivateRedis, spawn_self, stop
 from pacs_embed.secrets import ensure_secret_file
-from pacs_embed.services import admin_server
 from pipeline.keys import INFLIGHT_PATTERN
 from pipeline.settings import Settings
 
@@ -42,41 +42,47 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
             time.sleep(0.05)
 
 
-def run(settings: Settings, config_args: list[str]) -> int:
+def run(settings: Settings, config: Path | None) -> int:
+    """``settings``: as loaded from ``config`` and the environment, before anything started.
+
+    What `run` starts is recorded once, as overrides: this process's settings are
+    ``Settings.load(config, **overrides)`` and its children get the same overrides as env vars
+    (``child_env``), so both read the same values the same way.
+    """
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    config_args = ["--config", str(config)] if config else []
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
 
-    env: dict[str, str] = {"PACS_EMBED_STATE_DIR": str(settings.state_dir)}
-    private_redis = None
+    overrides: dict[str, Any] = {"state_dir": settings.state_dir}
+    private_redis = connection = None
     children: list[subprocess.Popen[bytes]] = []
+    root = None
     listener = admin = None
     try:
         if settings.redis.url is None:
             private_redis = PrivateRedis(settings.state_dir / "redis")
-            env["PACS_EMBED_REDIS__URL"] = private_redis.start()
-            _drop_stale_leases(env["PACS_EMBED_REDIS__URL"])
+            overrides["redis"] = {"url": private_redis.start()}
+            connection = redis.Redis.from_url(overrides["redis"]["url"])
+            _drop_stale_leases(connection)
         if settings.endpoint.url is None:
-            key_file = settings.emulator.key_file or settings.secrets_dir / "endpoint.key"
-            if settings.emulator_key() is None:
-                ensure_secret_file(key_file)
-                env["PACS_EMBED_EMULATOR__KEY_FILE"] = str(key_file)
-            emu = settings.emulator
-            emulator = spawn_self([*config_args, "emulator"], env)
+            overrides.update(local_emulator(settings))
+            if "emulator" in overrides:  # no emulator key set: generate one
+                ensure_secret_file(overrides["emulator"]["key_file"])
+            emulator = spawn_self([*config_args, "emulator"], child_env(overrides))
             children.append(emulator)
-            _wait_http(f"http://{emu.host}:{emu.port}/healthz", emulator)
-            env["PACS_EMBED_ENDPOINT__URL"] = f"http://{emu.host}:{emu.port}/score"
-            env["PACS_EMBED_ENDPOINT__KEY_FILE"] = str(key_file)
-        settings = _with_started(settings, env)
+            _wait_http(f"{emulator_base_url(settings)}/healthz", emulator)
+            log.info("labels.disabled", reason="the local emulator is not a vision-language model")
+        settings = Settings.load(config, **overrides)
+        env = child_env(overrides)
         workers = [spawn_self([*config_args, "worker"], env) for _ in range(settings.workers.count)]
         children.extend(workers)
 
-        assert settings.redis.url is not None
-        connection = redis.Redis.from_url(settings.redis.url)
-        listener = Listener(settings, connection)
+        root = Root(settings, connection)  # connection None: the configured Redis
+        listener = root.listener
         listener.start()
-        admin = admin_server(settings, connection)
+        admin = root.admin
         admin.start_in_thread()
         log.info(
             "run.ready",
@@ -92,6 +98,8 @@ def run(settings: Settings, config_args: list[str]) -> int:
             listener.stop()
         if admin is not None:
             admin.shutdown()
+        if root is not None:
+            root.close()
         for child in reversed(children):
             stop(child)
         if private_redis is not None:
@@ -121,27 +129,10 @@ def _supervise(
     return 0
 
 
-def _drop_stale_leases(url: str) -> None:
+def _drop_stale_leases(connection: redis.Redis) -> None:
     """Endpoint leases left in our private Redis by a killed `run`: every holder is dead (only
     this daemon uses that Redis), so they would only block the slots until they expire."""
-    connection = redis.Redis.from_url(url)
     stale = list(connection.scan_iter(match=INFLIGHT_PATTERN))
     if stale:
         connection.delete(*stale)
         log.info("run.stale_leases_dropped", keys=len(stale))
-
-
-def _with_started(settings: Settings, env: dict[str, str]) -> Settings:
-    """The settings this process uses, with what `run` started filled in."""
-    if "PACS_EMBED_REDIS__URL" in env:
-        redis_settings = settings.redis.model_copy(update={"url": env["PACS_EMBED_REDIS__URL"]})
-        settings = settings.model_copy(update={"redis": redis_settings})
-    if "PACS_EMBED_ENDPOINT__URL" in env:
-        endpoint = settings.endpoint.model_copy(
-            update={
-                "url": env["PACS_EMBED_ENDPOINT__URL"],
-                "key_file": Path(env["PACS_EMBED_ENDPOINT__KEY_FILE"]),
-            }
-        )
-        settings = settings.model_copy(update={"endpoint": endpoint})
-    return settings

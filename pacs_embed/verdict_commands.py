@@ -1,8 +1,8 @@
-"""`pacs-embed reference import|export|list` and `pacs-embed search`, plus the admin routes
-`/search` and `/verdicts` that answer the same questions over HTTP.
+"""`pacs-embed reference import|export|list` and `pacs-embed search`.
 
-Kept apart from cli.py so the subcommands' wiring is one place; each builds its objects from the
-settings and hands them down (the logic lives in pipeline/detect).
+The commands of cli.py's table that read verdict state; each gets the process's root and calls
+pipeline/detect. The admin routes answering the same questions over HTTP are in
+``pipeline.admin.routes``.
 """
 
 from __future__ import annotations
@@ -10,19 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import redis
+import numpy.typing as npt
 
+from pacs_embed.compose import Root, with_local_endpoint
+from pipeline.convert import ConvertOptions, convert_file
+from pipeline.detect import transfer
 from pipeline.errors import ConfigError
-from pipeline.settings import Settings
-from pipeline.uids import is_valid_uid
 
 
-def add_parsers(sub: Any) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The subcommands, added to cli.py's subparsers."""
     reference = sub.add_parser("reference", help="the per-cohort reference sets")
     ref_sub = reference.add_subparsers(dest="action", required=True)
@@ -42,31 +41,11 @@ def add_parsers(sub: Any) -> None:
     search.add_argument("--json", action="store_true", help="print JSON")
 
 
-def dispatch(args: argparse.Namespace, settings: Settings, connection: redis.Redis) -> int:
-    if args.command == "reference":
-        return _reference(args, settings, connection)
-    return _search(args, settings, connection)
-
-
-def _references(settings: Settings, connection: redis.Redis) -> Any:
-    from pipeline.detect.detector import reference_store
-
-    return reference_store(settings.detect, connection)
-
-
-def _rule(settings: Settings) -> Any:
-    from pipeline.detect.detector import cohort_rule
-
-    return cohort_rule(settings.detect)
-
-
-def _reference(args: argparse.Namespace, settings: Settings, connection: redis.Redis) -> int:
-    from pipeline.detect import transfer
-
-    store = _references(settings, connection)
+def reference(args: argparse.Namespace, root: Root) -> int:
+    store = root.references
     if args.action == "import":
         try:
-            groups = transfer.read_reference_file(args.file, _rule(settings), args.cohort)
+            groups = transfer.read_reference_file(args.file, root.cohort_rule, args.cohort)
             imported = transfer.import_references(store, groups)
         except ValueError as exc:
             raise ConfigError(f"{args.file}: {exc}") from exc
@@ -85,28 +64,23 @@ def _reference(args: argparse.Namespace, settings: Settings, connection: redis.R
             snap = store.snapshot(cohort)
             print(f"{cohort}\t{snap.size}\t{snap.state}\tversion {snap.version}")
         return 0
-    chosen = [_rule(settings).parse(c) for c in args.cohort] if args.cohort else cohorts
+    chosen = [root.cohort_rule.parse(c) for c in args.cohort] if args.cohort else cohorts
     count = transfer.write_reference_file(args.out, [store.snapshot(c) for c in chosen])
     print(f"exported {count} reference vectors of {len(chosen)} cohort(s) to {args.out}")
     return 0
 
 
-def _search(args: argparse.Namespace, settings: Settings, connection: redis.Redis) -> int:
-    from pipeline.detect.search import nearest
-    from pipeline.ledger import Ledger
-    from pipeline.store import EmbeddingStore
-
-    store = EmbeddingStore(connection, Ledger(connection))
+def search(args: argparse.Namespace, root: Root) -> int:
     if args.sop:
-        query = store.get(args.sop)
+        query = root.store.get(args.sop)
         if query is None:
             print(f"pacs-embed: no stored embedding for {args.sop}", file=sys.stderr)
             return 1
     else:
-        query = _embed_file(args.file, settings, connection)
-    cohort = _rule(settings).parse(args.cohort) if args.cohort else None
+        query = _embed_file(args.file, root)
+    cohort = root.cohort_rule.parse(args.cohort) if args.cohort else None
     try:
-        hits = nearest(store, query, top=args.top, cohort=cohort, exclude=args.sop)
+        hits = root.nearest(query, top=args.top, cohort=cohort, exclude=args.sop)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if args.json:
@@ -114,67 +88,16 @@ def _search(args: argparse.Namespace, settings: Settings, connection: redis.Redi
         print(json.dumps(doc, indent=2))
         return 0
     for hit in hits:
-        print(f"{hit.similarity:.4f}  {hit.sop_instance_uid}  {hit.cohort or '-'}")
+        print(f"{hit.similarity:.4f}  {hit.image.key}  {hit.cohort or '-'}")
     return 0
 
 
-def _embed_file(path: Path, settings: Settings, connection: redis.Redis) -> Any:
+def _embed_file(path: Path, root: Root) -> npt.NDArray[np.float64]:
     """The query vector of a DICOM file: its frames converted as the daemon would, embedded by
     the configured endpoint (or the emulator of a `run` on this state dir); several frames are
     averaged like a series (``nearest`` normalises the query)."""
-    from pipeline.convert import ConvertOptions, convert_file
-    from workers.main import build_client
-
-    image = convert_file(path, ConvertOptions.from_settings(settings))
-    with build_client(_with_local_endpoint(settings), connection) as client:
-        vectors = client.embed_images(list(image.pngs))
-    return np.asarray(vectors, dtype=np.float64).mean(axis=0)
-
-
-def _with_local_endpoint(settings: Settings) -> Settings:
-    """No endpoint configured: use the emulator a `pacs-embed run` started, as its workers do."""
-    if settings.endpoint.url:
-        return settings
-    key_file = settings.emulator.key_file or settings.secrets_dir / "endpoint.key"
-    emu = settings.emulator
-    endpoint = settings.endpoint.model_copy(
-        update={"url": f"http://{emu.host}:{emu.port}/score", "key_file": key_file}
-    )
-    return settings.model_copy(update={"endpoint": endpoint})
-
-
-Route = Callable[[dict[str, str]], tuple[int, dict[str, Any]]]
-
-
-def admin_routes(settings: Settings, connection: redis.Redis) -> dict[str, Route]:
-    """``/search?sop=UID[&top=N][&cohort=C]`` and ``/verdicts?study=UID`` (or ``series=``)."""
-    from pipeline.detect.search import nearest
-    from pipeline.ledger import Ledger
-    from pipeline.store import EmbeddingStore
-
-    store = EmbeddingStore(connection, Ledger(connection))
-
-    def search(query: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        sop = query.get("sop", "")
-        if not is_valid_uid(sop):
-            return 400, {"error": "give sop=<SOP Instance UID>"}
-        vector = store.get(sop)
-        if vector is None:
-            return 404, {"error": "no stored embedding for that SOP Instance UID"}
-        try:
-            top = int(query.get("top", "10"))
-            cohort = _rule(settings).parse(query["cohort"]) if query.get("cohort") else None
-            hits = nearest(store, vector, top=top, cohort=cohort, exclude=sop)
-        except ValueError as exc:
-            return 400, {"error": str(exc)}
-        return 200, {"query": sop, "hits": [h.to_json() for h in hits]}
-
-    def verdicts(query: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        for kind, read in (("study", store.study_verdict), ("series", store.series_verdict)):
-            uid = query.get(kind, "")
-            if is_valid_uid(uid):
-                found = read(uid)
-                return (200, found.to_json()) if found else (404, {"error": f"no {kind}"})
-        return 400, {"error": "give study=<UID> or series=<UID>"}
-
-    return {"/search": search, "/verdicts": verdicts}
+    image = convert_file(path, ConvertOptions.from_settings(root.settings))
+    with Root(with_local_endpoint(root.settings), root.redis) as embedding:
+        vectors = embedding.client.embed_images(list(image.pngs))
+    mean: npt.NDArray[np.float64] = np.asarray(vectors, dtype=np.float64).mean(axis=0)
+    return mean

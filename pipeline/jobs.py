@@ -1,17 +1,20 @@
 """The embed job's payload: what crosses Redis from the listener host to any worker host.
 
-PNG bytes, UIDs and the few non-PHI header fields verdicts need — never patient data. Plain dicts
-on the wire (rq pickles them), built and read only here so both sides agree.
+Per image, its record (pipeline/records.py: UIDs, frame and the few non-PHI header fields verdicts
+need — never patient data) and its PNG bytes. Plain dicts on the wire (rq pickles them), one per
+image, the record's fields plus ``png``; built and read only here so both sides agree, and read
+tolerantly, since listener and workers may run different versions during an upgrade.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rq import Queue, Retry
 
+from pipeline.records import ImageRecord
 from pipeline.uids import job_id
 
 if TYPE_CHECKING:  # workers need not import the conversion stack to read a payload
@@ -25,41 +28,37 @@ JOB_PREFIX = "embed"
 
 @dataclass(frozen=True)
 class ImageItem:
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    modality: str
-    body_part: str
-    frame: int
+    """One image on its way to a worker: its record, and its PNG beside it."""
+
+    image: ImageRecord
     png: bytes
 
 
-def items_of(image: ConvertedImage) -> list[ImageItem]:
+def items_of(converted: ConvertedImage) -> list[ImageItem]:
     """One queue item per embedded frame of a converted instance."""
     return [
-        ImageItem(
-            sop_instance_uid=image.sop_instance_uid,
-            series_instance_uid=image.series_instance_uid,
-            study_instance_uid=image.study_instance_uid,
-            modality=image.modality,
-            body_part=image.body_part,
-            frame=frame,
-            png=png,
-        )
-        for frame, png in zip(image.frames, image.pngs, strict=True)
+        ImageItem(image, png) for image, png in zip(converted.images, converted.pngs, strict=True)
     ]
 
 
 @dataclass(frozen=True)
 class EmbedBatch:
-    """Images of one series, at most ``batch_size`` of them and ``batch_max_bytes`` of PNG."""
+    """Images of one series, at most ``batch_size`` of them and ``batch_max_bytes`` of PNG.
+
+    Frames of one instance may span several batches.
+    """
 
     series_instance_uid: str
     items: tuple[ImageItem, ...]
 
     @property
+    def images(self) -> list[ImageRecord]:
+        return [item.image for item in self.items]
+
+    @property
     def sop_uids(self) -> list[str]:
-        return [item.sop_instance_uid for item in self.items]
+        """The instances the batch holds frames of, each once, in order."""
+        return list(dict.fromkeys(item.image.sop_instance_uid for item in self.items))
 
     @property
     def png_bytes(self) -> int:
@@ -68,14 +67,16 @@ class EmbedBatch:
     def to_payload(self) -> dict[str, Any]:
         return {
             "series_instance_uid": self.series_instance_uid,
-            "items": [asdict(item) for item in self.items],
+            "items": [{**item.image.to_dict(), "png": item.png} for item in self.items],
         }
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> EmbedBatch:
         return cls(
             series_instance_uid=payload["series_instance_uid"],
-            items=tuple(ImageItem(**item) for item in payload["items"]),
+            items=tuple(
+                ImageItem(ImageRecord.from_dict(item), item["png"]) for item in payload["items"]
+            ),
         )
 
 
@@ -109,11 +110,13 @@ def enqueue_batch(
     retries: int,
     retry_intervals: Sequence[int] = RETRY_INTERVALS,
 ) -> str:
-    """Put one batch on the embed queue under an id derived from its UIDs; return the id.
+    """Put one batch on the embed queue under an id derived from its images; return the id.
 
     ``retry_intervals`` (seconds) are rq's waits between job retries; tests pass ``[0]``.
     """
-    jid = job_id(JOB_PREFIX, batch.series_instance_uid, batch.sop_uids)
+    # From the image keys, not the SOP UIDs: batches holding other frames of the same instances
+    # are other jobs (a single-frame image's key is its SOP UID, so those ids are unchanged).
+    jid = job_id(JOB_PREFIX, batch.series_instance_uid, [image.key for image in batch.images])
     queue.enqueue_call(
         EMBED_FUNC,
         args=(batch.to_payload(),),

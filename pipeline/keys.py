@@ -25,7 +25,8 @@ each received instance; written by the listener's dispatcher and the workers, re
     pe:failed                        hash    SOP UID -> json {stage, reason, detail, at} (final)
     pe:failed:recent                 zset    SOP UID -> time failed
     pe:counters                      hash    event -> cumulative count, never decremented
-    pe:inst:*                        hash    [SOP UID] its non-PHI header fields, "job" (rq id)
+    pe:inst:*                        hash    [SOP UID] its non-PHI header fields, "frames"
+                                             (those selected, "0,2,4"), "decoder", "job" (rq id)
 
 Listener intake: what the listener turned away (pipeline/intake.py). Written by the listener,
 read by /status and /metrics. Permanent (the list is capped at 100 events)::
@@ -40,17 +41,20 @@ read by /status and /readyz. Expires 15 s after the last renewal::
 
 Embeddings store (pipeline/store.py). Written by the workers (a vector, its verdict and its
 series sum in one MULTI; a verdict revised by a reference trim); read by ``pacs-embed embeddings
-export``, ``pacs-embed search`` and the admin's /search and /verdicts. Permanent::
+export``, ``pacs-embed search`` and the admin's /search and /verdicts. An *image* is one frame
+of an instance, named by its image key (pipeline/records.py): the SOP UID for frame 0 (every
+single-frame object), ``<SOP UID>/<frame>`` for another frame. Permanent::
 
-    pe:emb:vec                       hash    SOP UID -> float32 vector bytes
-    pe:emb:meta                      hash    SOP UID -> json {study, series, modality,
-                                             body_part, frame}
-    pe:verdict                       hash    SOP UID -> json InstanceVerdict
+    pe:emb:vec                       hash    image -> float32 vector bytes
+    pe:emb:meta                      hash    image -> json ImageRecord {sop_instance_uid, frame,
+                                             study/series/sop class UIDs, modality, body_part,
+                                             view}
+    pe:verdict                       hash    image -> json InstanceVerdict (its record + verdict)
     pe:emb:series                    hash    series UID -> float32 normalised mean of its images
     pe:series:*                      hash    [series UID] study, sum (float64 bytes), count,
-                                             "i:<sop>" per image counted in the sum
+                                             "i:<image>" per image counted in the sum
     pe:study:*                       set     [study UID] its series UIDs
-    pe:cohort:*                      set     [cohort, e.g. CR/CHEST] its SOP UIDs (search)
+    pe:cohort:*                      set     [cohort, e.g. CR/CHEST] its images (search)
 
 Reference sets (pipeline/detect/reference.py), one per cohort; the ``{cohort}`` hash tag keeps
 a cohort's keys in one Redis Cluster slot. Written by the workers (admissions, trims) and
@@ -63,7 +67,8 @@ Permanent::
     pe:ref:{*}:vec                   string  [cohort] size x dim float32 rows, appended
     pe:ref:{*}:knn                   string  [cohort] size x k float32 neighbour table
                                              (see pipeline/detect/scoring.py)
-    pe:ref:{*}:uids                  list    [cohort] SOP UID of each row ("" when imported)
+    pe:ref:{*}:uids                  list    [cohort] image of each row ("" when imported
+                                             without UIDs)
 
 Label check prompts (pipeline/detect/labels.py). Written and read by the workers. A cache,
 permanent but safe to delete (the prompts are fetched again)::

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -130,13 +130,32 @@ class Ledger:
                 _enter(pipe, uids, State.CONVERTING)
                 pipe.execute()
 
-    def converted(self, sop_uid: str, fields: dict[str, str]) -> None:
-        """Record conversion and the non-PHI header fields later stages report on."""
+    def converted(
+        self, sop_uid: str, fields: Mapping[str, str], frames: Sequence[int] = ()
+    ) -> None:
+        """Record conversion: the non-PHI header fields later stages report on, and the frames
+        selected for embedding (the instance is embedded once all of them are stored)."""
+        mapping = {**fields, "frames": ",".join(map(str, frames))} if frames else dict(fields)
         with self.redis.pipeline() as pipe:
             _enter(pipe, [sop_uid], State.QUEUED)
-            pipe.hset(keys.instance_key(sop_uid), mapping=fields)  # type: ignore[arg-type]
+            if mapping:
+                pipe.hset(keys.instance_key(sop_uid), mapping=mapping)  # type: ignore[arg-type]
             pipe.hincrby(keys.COUNTERS, "converted", 1)
             pipe.execute()
+
+    def selected_frames(self, sop_uids: Sequence[str]) -> list[tuple[int, ...] | None]:
+        """For each instance, the frames its conversion selected (None: not recorded, e.g. by a
+        listener older than per-frame records)."""
+        if not sop_uids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for uid in sop_uids:
+                pipe.hget(keys.instance_key(uid), "frames")
+            raws = pipe.execute()
+        return [
+            tuple(int(f) for f in text(raw).split(",") if f) if raw is not None else None
+            for raw in raws
+        ]
 
     def queued(self, sop_uids: Iterable[str], job_id: str) -> None:
         """The embed job that carries these instances."""

@@ -1,11 +1,18 @@
-"""The embeddings store: every L2-normalised vector kept by SOP Instance UID, with its series
-and study, its verdict, and each series' embedding; exportable as one .npz.
+"""The embeddings store: every L2-normalised vector kept per image, (SOP Instance UID, frame),
+with its record (series, study, header fields), its verdict, and each series' embedding;
+exportable as one .npz.
 
 Vectors live in Redis as raw little-endian float32 (4 KiB each), which keeps a million images in
-~4 GiB and makes export a straight scan. A vector, its verdict, its series' running sum and its
-"embedded" ledger transition are written in one MULTI, so a crash never leaves one without the
-others; the series sum is read under WATCH and only counts an instance it has not counted yet,
-so a redone batch cannot count an image twice.
+~4 GiB and makes export a straight scan. Each hash is keyed by the image key of
+pipeline/records.py (the SOP UID for frame 0, ``<sop>/<frame>`` otherwise). A vector, its record,
+its verdict, its series' running sum and the ledger's "embedded" transition are written in one
+MULTI, so a crash never leaves one without the others; the series sum is read under WATCH and
+only counts an image it has not counted yet, so a redone batch cannot count an image twice.
+
+An instance is embedded once every frame its conversion selected (the ledger's ``frames``) is
+stored, whichever batches carried them and in whatever order they finished: all frames of an
+instance are in one series, and every save rewrites that series' key under WATCH, so two
+batches of one instance never both miss each other's frames.
 
 Keys (besides the ledger's): see "Embeddings store" in pipeline/keys.py.
 """
@@ -23,11 +30,11 @@ import numpy as np
 import numpy.typing as npt
 import redis
 
-from pipeline.detect.verdict import GroupVerdict, InstanceVerdict, series_verdict, study_verdict
 from pipeline.embed.contract import EMBEDDING_DIM
 from pipeline.keys import (
     EMB_META,
     EMB_VECTORS,
+    EMBEDDED,
     SERIES_VECTORS,
     VERDICTS,
     cohort_key,
@@ -35,6 +42,8 @@ from pipeline.keys import (
     study_key,
 )
 from pipeline.ledger import Ledger
+from pipeline.records import ImageRecord, image_key, parse_image_key
+from pipeline.verdicts import GroupVerdict, InstanceVerdict, series_verdict, study_verdict
 
 DTYPE = np.dtype("<f4")
 
@@ -43,66 +52,102 @@ DTYPE = np.dtype("<f4")
 MAX_SAVE_ATTEMPTS = 20
 
 
-@dataclass(frozen=True)
-class Embedded:
-    """One stored embedding and the identifiers it is kept by (no PHI)."""
-
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    modality: str
-    body_part: str
-    frame: int
-    vector: np.ndarray
-
-
 class EmbeddingStore:
     def __init__(self, connection: redis.Redis, ledger: Ledger) -> None:
         self.redis = connection
         self.ledger = ledger
 
     def save(
-        self, items: Sequence[Embedded], verdicts: Sequence[InstanceVerdict] | None = None
+        self,
+        images: Sequence[ImageRecord],
+        vectors: npt.ArrayLike,
+        verdicts: Sequence[InstanceVerdict] | None = None,
     ) -> None:
-        """Store vectors (+ verdicts, series sums) and mark their instances embedded, atomically.
-
-        Several frames of one instance share its SOP UID: the last one is what is kept.
-        """
-        if not items:
+        """Store vectors (row-aligned with ``images``), records, verdicts and series sums, and
+        mark embedded the instances whose selected frames are now all stored, atomically."""
+        if not images:
             return
-        latest = {item.sop_instance_uid: item for item in items}
-        for item in latest.values():
-            vector = np.asarray(item.vector, dtype=DTYPE)
-            if vector.ndim != 1 or not np.all(np.isfinite(vector)):
-                raise ValueError(f"refusing to store a bad vector for {item.sop_instance_uid}")
-        judged = {v.sop_instance_uid: v for v in verdicts or ()}
-        by_series: dict[str, list[Embedded]] = {}
-        for item in latest.values():
-            by_series.setdefault(item.series_instance_uid, []).append(item)
+        rows = np.asarray(vectors, dtype=DTYPE)
+        if rows.ndim != 2 or rows.shape[0] != len(images):
+            raise ValueError(f"{len(images)} images but vectors of shape {rows.shape}")
+        latest: dict[str, tuple[ImageRecord, npt.NDArray[np.float32]]] = {}
+        for image, row in zip(images, rows, strict=True):
+            if not np.all(np.isfinite(row)):
+                raise ValueError(f"refusing to store a bad vector for {image.key}")
+            latest[image.key] = (image, row)
+        judged = {v.image.key: v for v in verdicts or ()}
+        self._commit(latest, judged, images)
+
+    def settle(self, images: Sequence[ImageRecord]) -> None:
+        """Mark embedded the instances of ``images`` (already stored) whose selected frames are
+        all stored: a batch whose every image was stored before still completes its instances
+        (e.g. the resend of an instance that failed after some of its frames were stored)."""
+        embedded = self.ledger.embedded([image.sop_instance_uid for image in images])
+        waiting = [image for image, done in zip(images, embedded, strict=True) if not done]
+        if waiting:
+            self._commit({}, {}, waiting)
+
+    def _commit(
+        self,
+        latest: dict[str, tuple[ImageRecord, npt.NDArray[np.float32]]],
+        judged: dict[str, InstanceVerdict],
+        images: Sequence[ImageRecord],
+    ) -> None:
+        """Write ``latest`` and complete the instances of ``images``, in one transaction."""
+        instances = _instances(images, self.ledger)
+        series = sorted({instance.series_instance_uid for instance in instances.values()})
         for _attempt in range(MAX_SAVE_ATTEMPTS):
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    _watch(pipe, [series_key(uid) for uid in by_series])
-                    sums = {uid: _series_sum(pipe, uid, group) for uid, group in by_series.items()}
+                    _watch(pipe, [series_key(uid) for uid in series])
+                    sums = {uid: _series_state(pipe, uid, latest, instances) for uid in series}
+                    complete = sorted(sop for state in sums.values() for sop in state.complete)
+                    newly = [
+                        sop
+                        for sop, already in zip(complete, _members(pipe, complete), strict=True)
+                        if not already
+                    ]
+                    if not latest and not newly:
+                        pipe.reset()
+                        return
                     pipe.multi()
-                    for item in latest.values():
-                        _stage_item(pipe, item, judged.get(item.sop_instance_uid))
-                    for uid, (total, count, counted) in sums.items():
-                        _stage_series(pipe, uid, by_series[uid][0].study_instance_uid, total, count)
-                        if counted:
-                            pipe.hset(series_key(uid), mapping={f"i:{s}": "1" for s in counted})
-                    self.ledger.mark_embedded(pipe, list(latest))
+                    for key, (image, row) in latest.items():
+                        _stage_image(pipe, image, row, judged.get(key))
+                    for uid, state in sums.items():
+                        if state.fresh or set(state.complete) & set(newly):
+                            state.stage(pipe, uid)
+                    if newly:
+                        self.ledger.mark_embedded(pipe, newly)
                     pipe.execute()
                     return
                 except redis.WatchError:
                     continue
-        raise redis.WatchError(f"series {sorted(by_series)} kept changing; retry the batch")
+        raise redis.WatchError(f"series {series} kept changing; retry the batch")
+
+    def stored(self, keys: Sequence[str]) -> list[bool]:
+        """For each image key: is its vector stored?"""
+        if not keys:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hexists(EMB_VECTORS, key)
+            return [bool(flag) for flag in pipe.execute()]
 
     def count(self) -> int:
         return int(self.redis.hlen(EMB_VECTORS))
 
-    def get(self, sop_uid: str) -> np.ndarray | None:
-        return self._vector(EMB_VECTORS, sop_uid)
+    def get(self, sop_uid: str, frame: int | None = None) -> np.ndarray | None:
+        """The vector of frame ``frame`` of an instance; with no frame given, of its first
+        stored frame (frame 0, else the first of the frames its conversion selected)."""
+        if frame is not None:
+            return self._vector(EMB_VECTORS, image_key(sop_uid, frame))
+        found = self._vector(EMB_VECTORS, sop_uid)
+        if found is not None:
+            return found
+        keys = [image_key(sop_uid, f) for f in self.ledger.selected_frames([sop_uid])[0] or ()]
+        raws = self.redis.hmget(EMB_VECTORS, keys) if keys else []
+        raw = next((r for r in raws if r is not None), None)
+        return None if raw is None else np.frombuffer(cast(bytes, raw), dtype=DTYPE).copy()
 
     def series_vector(self, series_uid: str) -> np.ndarray | None:
         """The series embedding: the normalised mean of its images' vectors."""
@@ -112,21 +157,22 @@ class EmbeddingStore:
         raw = self.redis.hget(key, field)
         return None if raw is None else np.frombuffer(cast(bytes, raw), dtype=DTYPE).copy()
 
-    # -- verdicts -----------------------------------------------------------------------------
-    def verdicts(self, sop_uids: Sequence[str]) -> list[InstanceVerdict | None]:
-        if not sop_uids:
+    # -- verdicts ---------------------------------------------------------------------------
+    def verdicts(self, keys: Sequence[str]) -> list[InstanceVerdict | None]:
+        """The verdicts of these image keys (None: stored without one, or not stored)."""
+        if not keys:
             return []
-        raws = self.redis.hmget(VERDICTS, list(sop_uids))
+        raws = self.redis.hmget(VERDICTS, list(keys))
         return [InstanceVerdict.from_json(json.loads(r)) if r else None for r in raws]
 
     def put_verdicts(self, verdicts: Sequence[InstanceVerdict]) -> None:
         """Overwrite stored verdicts (a reference trim revises them after the fact)."""
         if verdicts:
-            mapping = {v.sop_instance_uid: json.dumps(v.to_json()) for v in verdicts}
+            mapping = {v.image.key: json.dumps(v.to_json()) for v in verdicts}
             self.redis.hset(VERDICTS, mapping=mapping)  # type: ignore[arg-type]
 
     def series_verdict(self, series_uid: str) -> GroupVerdict | None:
-        """Derived from the series' instance verdicts at read time (see verdict.py)."""
+        """Derived from the series' image verdicts at read time (see pipeline/verdicts.py)."""
         return self._series_verdicts([series_uid])[0]
 
     def study_verdict(self, study_uid: str) -> GroupVerdict | None:
@@ -140,85 +186,97 @@ class EmbeddingStore:
             for uid in series_uids:
                 pipe.hkeys(series_key(uid))
             members = [
-                [f[2:] for f in map(_text, fields) if f.startswith("i:")]
+                [f[len(_COUNTED) :] for f in map(_text, fields) if f.startswith(_COUNTED)]
                 for fields in pipe.execute()
             ]
-        found = iter(self.verdicts([sop for sops in members for sop in sops]))
+        found = iter(self.verdicts([key for keys in members for key in keys]))
         out: list[GroupVerdict | None] = []
-        for uid, sops in zip(series_uids, members, strict=True):
-            group = [v for v in (next(found) for _ in sops) if v is not None]
-            out.append(series_verdict(uid, group) if sops else None)
+        for uid, keys in zip(series_uids, members, strict=True):
+            group = [v for v in (next(found) for _ in keys) if v is not None]
+            out.append(series_verdict(uid, group) if keys else None)
         return out
 
     # -- reading in bulk ----------------------------------------------------------------------
     def vectors_in_chunks(
-        self, sop_uids: Sequence[str] | None = None, chunk: int = 1000
+        self, keys: Sequence[str] | None = None, chunk: int = 1000
     ) -> Iterator[tuple[list[str], npt.NDArray[np.float32]]]:
-        """(UIDs, matrix) chunks of the stored vectors: all of them, or those of ``sop_uids``."""
-        if sop_uids is None:
-            uids: list[str] = []
+        """(image keys, matrix) chunks of the stored vectors: all of them, or those of ``keys``."""
+        if keys is None:
+            found: list[str] = []
             rows: list[bytes] = []
-            for uid, raw in self.redis.hscan_iter(EMB_VECTORS, count=chunk):
-                uids.append(_text(uid))
+            for key, raw in self.redis.hscan_iter(EMB_VECTORS, count=chunk):
+                found.append(_text(key))
                 rows.append(raw)
-                if len(uids) >= chunk:
-                    yield uids, _matrix(rows)
-                    uids, rows = [], []
-            if uids:
-                yield uids, _matrix(rows)
+                if len(found) >= chunk:
+                    yield found, _matrix(rows)
+                    found, rows = [], []
+            if found:
+                yield found, _matrix(rows)
             return
-        for start in range(0, len(sop_uids), chunk):
-            part = list(sop_uids[start : start + chunk])
+        for start in range(0, len(keys), chunk):
+            part = list(keys[start : start + chunk])
             raws = self.redis.hmget(EMB_VECTORS, part)
-            present = [(u, r) for u, r in zip(part, raws, strict=True) if r is not None]
+            present = [(k, r) for k, r in zip(part, raws, strict=True) if r is not None]
             if present:
-                yield [u for u, _ in present], _matrix([r for _, r in present])
+                yield [k for k, _ in present], _matrix([r for _, r in present])
 
     def cohort_members(self, cohort: str) -> list[str]:
+        """The image keys of a cohort."""
         return sorted(_text(s) for s in self.redis.smembers(cohort_key(cohort)))
 
-    def meta(self, sop_uids: Sequence[str]) -> list[dict[str, Any]]:
-        raws = self.redis.hmget(EMB_META, list(sop_uids)) if sop_uids else []
-        return [json.loads(r) if r else {} for r in raws]
+    def records(self, keys: Sequence[str]) -> list[ImageRecord | None]:
+        """The stored record of each image key (None: not stored)."""
+        raws = self.redis.hmget(EMB_META, list(keys)) if keys else []
+        return [
+            _record(key, json.loads(raw)) if raw else None
+            for key, raw in zip(keys, raws, strict=True)
+        ]
 
     def export(self, path: Path) -> int:
-        """Write everything to ``path`` (.npz), sorted by SOP UID: UIDs, vectors, verdict columns
+        """Write everything to ``path`` (.npz), one row per image sorted by (SOP UID, frame):
+        ``sop_instance_uids``, ``frame``, vectors, series and study UIDs, verdict columns
         (``cohort``, ``outlier``, ``p_value`` NaN while unscored, ``label_mismatch``, ``score``,
         ``predicted_label``) and the series embeddings (``series_keys``, ``series_vectors``)."""
-        uids: list[str] = []
+        keys: list[str] = []
         chunks: list[npt.NDArray[np.float32]] = []
         for part, matrix in self.vectors_in_chunks():
-            uids.extend(part)
+            keys.extend(part)
             chunks.append(matrix)
-        order = np.argsort(np.array(uids, dtype=str)) if uids else np.array([], dtype=int)
-        uids = [uids[i] for i in order]
+        ids = [parse_image_key(key) for key in keys]
+        order = sorted(range(len(keys)), key=ids.__getitem__)
+        keys = [keys[i] for i in order]
         vectors = np.concatenate(chunks)[order] if chunks else _matrix([])
-        columns = _columns(self, uids)
+        columns = _columns(self, keys)
         series = sorted(_text(s) for s in self.redis.hkeys(SERIES_VECTORS))
         series_raw = self.redis.hmget(SERIES_VECTORS, series) if series else []
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as handle:
             arrays: dict[str, Any] = {
-                "sop_instance_uids": np.array(uids, dtype=str),
+                "sop_instance_uids": np.array([ids[i][0] for i in order], dtype=str),
+                "frame": np.array([ids[i][1] for i in order], dtype=np.int64),
                 "vectors": vectors.astype(np.float32),
                 **columns,
                 "series_keys": np.array(series, dtype=str),
                 "series_vectors": _matrix(series_raw),
             }
             np.savez(handle, **arrays)
-        return len(uids)
+        return len(keys)
 
 
-def _columns(store: EmbeddingStore, uids: list[str]) -> dict[str, npt.NDArray[Any]]:
-    metas: list[dict[str, Any]] = []
+def _columns(store: EmbeddingStore, keys: list[str]) -> dict[str, npt.NDArray[Any]]:
+    records: list[ImageRecord | None] = []
     verdicts: list[InstanceVerdict | None] = []
-    for start in range(0, len(uids), 1000):
-        part = uids[start : start + 1000]
-        metas.extend(store.meta(part))
+    for start in range(0, len(keys), 1000):
+        part = keys[start : start + 1000]
+        records.extend(store.records(part))
         verdicts.extend(store.verdicts(part))
     return {
-        "series_instance_uids": np.array([str(m.get("series", "")) for m in metas], dtype=str),
-        "study_instance_uids": np.array([str(m.get("study", "")) for m in metas], dtype=str),
+        "series_instance_uids": np.array(
+            [r.series_instance_uid if r else "" for r in records], dtype=str
+        ),
+        "study_instance_uids": np.array(
+            [r.study_instance_uid if r else "" for r in records], dtype=str
+        ),
         "cohort": np.array([v.cohort if v else "" for v in verdicts], dtype=str),
         "outlier": np.array([bool(v and v.outlier) for v in verdicts], dtype=bool),
         "p_value": np.array([v.p_value if v else math.nan for v in verdicts], dtype=np.float64),
@@ -230,31 +288,118 @@ def _columns(store: EmbeddingStore, uids: list[str]) -> dict[str, npt.NDArray[An
     }
 
 
-def _series_sum(pipe: Any, uid: str, group: list[Embedded]) -> tuple[Any, int, list[str]]:
-    """The series' running sum with the not-yet-counted images of ``group`` added."""
-    raw = pipe.hmget(series_key(uid), ["sum", "count", *(f"i:{e.sop_instance_uid}" for e in group)])
-    total = np.frombuffer(raw[0], dtype="<f8").copy() if raw[0] else np.zeros(len(group[0].vector))
-    fresh = [e for e, seen in zip(group, raw[2:], strict=True) if seen is None]
-    for item in fresh:
-        total += np.asarray(item.vector, dtype=np.float64)
-    return total, int(raw[1] or 0) + len(fresh), [e.sop_instance_uid for e in fresh]
+#: A series hash field naming an image counted in its sum: ``i:<image key>``.
+_COUNTED = "i:"
 
 
-def _stage_item(pipe: Any, item: Embedded, verdict: InstanceVerdict | None) -> None:
-    uid = item.sop_instance_uid
-    pipe.hset(EMB_VECTORS, uid, np.asarray(item.vector, dtype=DTYPE).tobytes())
-    pipe.hset(EMB_META, uid, json.dumps(_meta(item)))
+@dataclass(frozen=True)
+class _Instance:
+    """An instance a save touches: its series and study, and the image keys of the frames its
+    conversion selected (the ledger's ``frames``; unrecorded: the frames in hand)."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    keys: tuple[str, ...]
+
+
+def _instances(images: Sequence[ImageRecord], ledger: Ledger) -> dict[str, _Instance]:
+    """SOP UID -> :class:`_Instance`, for the instances of ``images``."""
+    in_hand: dict[str, list[ImageRecord]] = {}
+    for image in images:
+        in_hand.setdefault(image.sop_instance_uid, []).append(image)
+    selected = ledger.selected_frames(list(in_hand))
+    out: dict[str, _Instance] = {}
+    for (sop, mine), frames in zip(in_hand.items(), selected, strict=True):
+        keys = [image_key(sop, f) for f in frames] if frames else [i.key for i in mine]
+        first = mine[0]
+        out[sop] = _Instance(first.series_instance_uid, first.study_instance_uid, tuple(keys))
+    return out
+
+
+@dataclass(frozen=True)
+class _SeriesState:
+    """One series as a save leaves it: its running sum with the images it had not counted
+    added, and the instances whose selected frames are then all counted."""
+
+    study: str
+    total: npt.NDArray[np.float64] | None  # None: nothing counted yet
+    count: int
+    fresh: tuple[str, ...]
+    complete: tuple[str, ...]
+
+    def stage(self, pipe: Any, uid: str) -> None:
+        """Write the series: whenever a save counts an image or completes an instance, since a
+        write to the watched key is what orders two saves of one instance's frames."""
+        counted = {f"{_COUNTED}{k}": "1" for k in self.fresh}
+        pipe.hset(series_key(uid), mapping={"study": self.study, "count": self.count, **counted})
+        if self.total is not None:
+            pipe.hset(series_key(uid), "sum", self.total.tobytes())
+            norm = float(np.linalg.norm(self.total))
+            if norm > 0:
+                pipe.hset(SERIES_VECTORS, uid, (self.total / norm).astype(DTYPE).tobytes())
+        pipe.sadd(study_key(self.study), uid)
+
+
+def _series_state(
+    pipe: Any,
+    uid: str,
+    latest: dict[str, tuple[ImageRecord, npt.NDArray[np.float32]]],
+    instances: dict[str, _Instance],
+) -> _SeriesState:
+    """Read series ``uid`` (under WATCH) and add the images of ``latest`` it has not counted."""
+    mine = {k: row for k, (image, row) in latest.items() if image.series_instance_uid == uid}
+    members = {sop: i for sop, i in instances.items() if i.series_instance_uid == uid}
+    asked = list(dict.fromkeys([*mine, *(k for i in members.values() for k in i.keys)]))
+    raw = pipe.hmget(series_key(uid), ["sum", "count", *(f"{_COUNTED}{k}" for k in asked)])
+    counted = {k for k, seen in zip(asked, raw[2:], strict=True) if seen is not None}
+    fresh = [k for k in mine if k not in counted]
+    total = np.frombuffer(raw[0], dtype="<f8").copy() if raw[0] else None
+    for key in fresh:
+        row = np.asarray(mine[key], dtype=np.float64)
+        total = row if total is None else total + row
+    return _SeriesState(
+        study=next(iter(members.values())).study_instance_uid,
+        total=total,
+        count=int(raw[1] or 0) + len(fresh),
+        fresh=tuple(fresh),
+        complete=tuple(
+            sop for sop, i in members.items() if all(k in counted or k in mine for k in i.keys)
+        ),
+    )
+
+
+def _members(pipe: Any, sop_uids: list[str]) -> list[bool]:
+    """Which instances the ledger already has as embedded (read under the caller's WATCH)."""
+    if not sop_uids:
+        return []
+    return [bool(flag) for flag in pipe.smismember(EMBEDDED, sop_uids)]
+
+
+def _stage_image(
+    pipe: Any, image: ImageRecord, row: npt.NDArray[np.float32], verdict: InstanceVerdict | None
+) -> None:
+    key = image.key
+    pipe.hset(EMB_VECTORS, key, np.asarray(row, dtype=DTYPE).tobytes())
+    pipe.hset(EMB_META, key, json.dumps(image.to_dict()))
     if verdict is not None:
-        pipe.hset(VERDICTS, uid, json.dumps(verdict.to_json()))
-        pipe.sadd(cohort_key(verdict.cohort), uid)
+        pipe.hset(VERDICTS, key, json.dumps(verdict.to_json()))
+        pipe.sadd(cohort_key(verdict.cohort), key)
 
 
-def _stage_series(pipe: Any, uid: str, study: str, total: Any, count: int) -> None:
-    norm = float(np.linalg.norm(total))
-    pipe.hset(series_key(uid), mapping={"study": study, "sum": total.tobytes(), "count": count})
-    if norm > 0:
-        pipe.hset(SERIES_VECTORS, uid, (total / norm).astype(DTYPE).tobytes())
-    pipe.sadd(study_key(study), uid)
+def _record(key: str, doc: dict[str, Any]) -> ImageRecord:
+    """A stored record; one written before records (``{study, series, modality, ...}``) too."""
+    if "sop_instance_uid" in doc:
+        return ImageRecord.from_dict(doc)
+    sop, frame = parse_image_key(key)
+    return ImageRecord.from_dict(
+        {
+            **doc,
+            "sop_instance_uid": sop,
+            "frame": frame,
+            "study_instance_uid": doc.get("study", ""),
+            "series_instance_uid": doc.get("series", ""),
+        }
+    )
 
 
 def _watch(pipe: Any, keys: list[str]) -> None:
@@ -270,13 +415,3 @@ def _matrix(rows: Sequence[Any]) -> npt.NDArray[np.float32]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _meta(item: Embedded) -> dict[str, object]:
-    return {
-        "study": item.study_instance_uid,
-        "series": item.series_instance_uid,
-        "modality": item.modality,
-        "body_part": item.body_part,
-        "frame": item.frame,
-    }

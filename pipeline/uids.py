@@ -97,10 +97,11 @@ def from_file_stem(stem: str) -> str:
     return stem
 
 
-def job_id(prefix: str, series_uid: str, sop_uids: list[str]) -> str:
-    """An rq job id for a batch: the series' :func:`token`, plus a digest of its instances.
+def job_id(prefix: str, series_uid: str, image_keys: list[str]) -> str:
+    """An rq job id for a batch: the series' :func:`token`, plus a digest of its images' keys
+    (``<sop>`` or ``<sop>/<frame>``: frames of one instance may travel in different batches).
 
-    The same set of instances always yields the same id, so re-enqueueing a batch after a crash
+    The same set of images always yields the same id, so re-enqueueing a batch after a crash
     cannot create a second job for it.
     """
-    return f"{prefix}-{token(series_uid)}-{digest(chr(10).join(sorted(sop_uids)), 16)}"
+    return f"{prefix}-{token(series_uid)}-{digest(chr(10).join(sorted(image_keys)), 16)}"

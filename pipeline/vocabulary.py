@@ -4,8 +4,9 @@ Modality, Body Part Examined and the view are the only header fields besides UID
 workers see (they name cohorts and label prompts). They are free text from the sender's point of
 view, and a malformed object can put anything into them — an overrun Modality once carried a
 whole patient module into Redis. So each is reduced here to a known term before it travels:
-a Modality must be a Code String of at most 16 characters, and a body part must normalise to a
-term of PS3.16 CID 4031 (or a site alias), else it is ``UNKNOWN``.
+a Modality must be a Code String of at most 16 characters, a body part must normalise to a
+term of PS3.16 CID 4031 (or a site alias), and a view to a projection of :data:`VIEWS`; else it is
+``UNKNOWN``.
 """
 
 from __future__ import annotations
@@ -49,16 +50,53 @@ BODY_PART_ALIASES: Mapping[str, str] = {
     "MAMMA": "BREAST",
 }
 
-#: ViewPosition spellings -> one term per projection.
+#: View spellings -> one term per projection. Keys as :func:`_token` makes them: ViewPosition
+#: (0018,5101) defined terms and the Code Meanings of PS3.16 CID 4010 / 4014 (View Code Sequence).
 VIEW_ALIASES: Mapping[str, str] = {
     "LATERAL": "LAT",
     "LL": "LAT",
     "RL": "LAT",
     "LLD": "LAT",
     "RLD": "LAT",
+    "LEFT_LATERAL": "LAT",
+    "RIGHT_LATERAL": "LAT",
+    "LEFT_RIGHT_LATERAL": "LAT",
     "POSTERO_ANTERIOR": "PA",
+    "POSTEROANTERIOR": "PA",
     "ANTERO_POSTERIOR": "AP",
+    "ANTEROPOSTERIOR": "AP",
+    "CRANIO_CAUDAL": "CC",
+    "MEDIO_LATERAL_OBLIQUE": "MLO",
+    "MEDIO_LATERAL": "ML",
+    "MEDIAL_LATERAL": "ML",
+    "LATERO_MEDIAL": "LM",
+    "LATERAL_MEDIAL": "LM",
 }
+
+#: View Code Sequence code values (SNOMED CT, and the SNOMED RT codes older objects carry) of the
+#: common projections (PS3.16 CID 4010 DX View, CID 4014 Mammography View).
+VIEW_CODES: Mapping[str, str] = {
+    "272479007": "PA",
+    "R-10214": "PA",
+    "399348003": "AP",
+    "R-10206": "AP",
+    "399173006": "LAT",
+    "R-10236": "LAT",
+    "399198007": "LAT",
+    "R-10232": "LAT",
+    "399162004": "CC",
+    "R-10242": "CC",
+    "399368009": "MLO",
+    "R-10226": "MLO",
+    "399260004": "ML",
+    "R-10224": "ML",
+    "399352003": "LM",
+    "R-10228": "LM",
+}
+
+#: The view terms that travel (anything else is ``UNKNOWN``): the projections above plus the
+#: oblique ViewPosition terms.
+VIEWS = frozenset(VIEW_ALIASES.values()) | {"RLO", "LLO"}
 
 _NOT_ALNUM = re.compile(r"[^A-Z0-9]+")
 
@@ -149,3 +187,17 @@ def body_part_term(value: object, extra: Mapping[str, str] | None = None) -> str
     term = normalise_body_part(value, extra)
     known = BODY_PARTS | {_token(v) for v in (extra or {}).values()}
     return term if term in known else UNKNOWN
+
+
+def view_term(value: object) -> str:
+    """A view as a term of :data:`VIEWS`, else ``UNKNOWN`` (never the raw text).
+
+    ``value`` is a ViewPosition, or a View Code Sequence item's Code Meaning or Code Value:
+    ``Lateral``, ``LL`` -> ``LAT``; ``postero-anterior`` -> ``PA``; ``399348003`` -> ``AP``.
+    """
+    if not isinstance(value, str) or len(value) > 64:
+        return UNKNOWN
+    if value.strip() in VIEW_CODES:
+        return VIEW_CODES[value.strip()]
+    term = normalise_view(value)
+    return term if term in VIEWS else UNKNOWN

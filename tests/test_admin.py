@@ -1,32 +1,75 @@
-"""Admin endpoint: bearer token on everything but /healthz; status document from real Redis."""
+"""Admin endpoint: one route table, bearer token on everything but /healthz; status document
+from real Redis."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from pipeline.admin import status
+from pacs_embed.compose import Root
+from pipeline.admin import routes
+from pipeline.admin import server as admin_server
 from pipeline.admin.server import AdminServer
 from pipeline.ledger import Ledger, Stage
+from pipeline.settings import Settings
 from tests.admin_http import get
+from tests.conftest import free_port
+
+TOKEN = "t0ken"  # noqa: S105 - the test's admin token, not a secret
+
+#: The routes docs/architecture.md §2 lists; only /healthz answers without the bearer token.
+DOCUMENTED = {"/healthz", "/readyz", "/status", "/metrics", "/verdicts", "/search"}
 
 
 @pytest.fixture
 def server(redis_conn: redis.Redis, tmp_path: Path) -> Iterator[AdminServer]:
+    """The admin server `pacs-embed admin` serves, as the composition root builds it."""
     (tmp_path / "spool" / "tmp").mkdir(parents=True)
-    routes = {
-        "/status": lambda _query: (
-            200,
-            status.gather(redis_conn, tmp_path / "spool", tmp_path / "q"),
-        ),
-    }
-    admin = AdminServer("127.0.0.1", 0, "t0ken", routes)
+    settings = Settings.load(
+        state_dir=tmp_path, admin={"host": "127.0.0.1", "port": free_port(), "token": TOKEN}
+    )
+    admin = Root(settings, redis_conn).admin
     admin.start_in_thread()
     yield admin
     admin.shutdown()
+
+
+def test_the_route_table_is_every_route(server: AdminServer) -> None:
+    """The server answers exactly the paths of ``routes.table`` (the ones documented), each
+    behind the bearer token except /healthz; any other path is 404."""
+    assert set(server.routes) == DOCUMENTED
+    assert {path for path, route in server.routes.items() if not route.token} == {"/healthz"}
+    for path in DOCUMENTED:
+        code, _body = get(server, path)
+        assert code == (200 if path == "/healthz" else 401), path
+        code, _body = get(server, path, "wrong")
+        assert code == (200 if path == "/healthz" else 401), path
+        assert get(server, path, TOKEN)[0] != 404, path
+    assert get(server, "/nope")[0] == 404
+    assert get(server, "/healthz/", TOKEN)[0] == 404
+
+
+def test_the_route_table_is_the_only_declaration() -> None:
+    """Routes are declared once: the server module names no path, the table's docstring and
+    docs/architecture.md list the same paths as the table."""
+    literals = {
+        node.value
+        for node in ast.walk(ast.parse(inspect.getsource(admin_server)))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+    assert not {text for text in literals if re.fullmatch(r"/\w+", text)}
+    table_source = inspect.getsource(routes.table)
+    assert set(re.findall(r'"(/\w+)": Route\(', table_source)) == DOCUMENTED
+    assert set(re.findall(r"^    (/\w+) ", routes.__doc__ or "", re.MULTILINE)) == DOCUMENTED
+    docs = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+    admin_line = next(line for line in docs.splitlines() if line.startswith(" admin HTTP:"))
+    assert set(re.findall(r"/\w+", admin_line)) == DOCUMENTED
 
 
 def test_healthz_needs_no_token(server: AdminServer) -> None:
@@ -50,7 +93,7 @@ def test_status_counts_instances(server: AdminServer, redis_conn: redis.Redis) -
     ledger.converted("1.2.5", {"series": "1.2"})
     ledger.skipped("1.2.6", "not an image to embed: Modality SEG (convert.embed_modalities)")
     ledger.failed("1.2.6", Stage.CONVERT, "a later, second failure")
-    code, doc = get(server, "/status", "t0ken")
+    code, doc = get(server, "/status", TOKEN)
     assert code == 200
     assert doc["instances"] == {
         "received": 4,
@@ -89,4 +132,4 @@ def test_resend_clears_a_stale_failure(redis_conn: redis.Redis) -> None:
 
 def test_unknown_path_404(server: AdminServer) -> None:
     """Unknown paths are 404, not a stack trace."""
-    assert get(server, "/nope", "t0ken")[0] == 404
+    assert get(server, "/nope", TOKEN)[0] == 404

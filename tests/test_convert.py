@@ -252,11 +252,17 @@ def test_convert_file_header_fields_and_no_phi(tmp_path) -> None:  # type: ignor
     """convert_file returns UIDs, SOP class, modality, body part, frames and no patient data."""
     ds = _ct()
     result = convert_file(factory.write(ds, tmp_path / "ct.dcm"))
-    assert result.sop_instance_uid == ds.SOPInstanceUID
-    assert result.study_instance_uid == ds.StudyInstanceUID
-    assert result.series_instance_uid == ds.SeriesInstanceUID
-    assert result.sop_class_uid == ds.SOPClassUID
-    assert (result.modality, result.body_part, result.frames) == ("CT", "CHEST", (0,))
+    [record] = result.images
+    assert record.sop_instance_uid == ds.SOPInstanceUID
+    assert record.study_instance_uid == ds.StudyInstanceUID
+    assert record.series_instance_uid == ds.SeriesInstanceUID
+    assert record.sop_class_uid == ds.SOPClassUID
+    assert (record.modality, record.body_part, record.view, result.frames) == (
+        "CT",
+        "CHEST",
+        "UNKNOWN",
+        (0,),
+    )
     fields = repr({k: v for k, v in vars(result).items() if k != "pngs"})
     for phi in (factory.PATIENT_NAME, factory.PATIENT_ID, factory.ACCESSION_NUMBER, "Doe"):
         assert phi not in fields

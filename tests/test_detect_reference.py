@@ -11,8 +11,8 @@ import redis
 from pipeline.detect.admission import Policy, checkpoint
 from pipeline.detect.reference import ReferenceStore
 from pipeline.detect.scoring import neighbour_table, scores_from_table, unit_rows
-from pipeline.detect.verdict import BOOTSTRAP, SCORED
 from pipeline.keys import reference_keys
+from pipeline.verdicts import BOOTSTRAP, SCORED
 
 DIM = 32
 K = 4

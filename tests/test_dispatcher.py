@@ -4,7 +4,7 @@ no instance lost while Redis is away."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,11 +26,13 @@ class FlakyLedger(Ledger):
         super().__init__(connection)
         self.failures = failures
 
-    def converted(self, sop_uid: str, fields: dict[str, str]) -> None:
+    def converted(
+        self, sop_uid: str, fields: Mapping[str, str], frames: Sequence[int] = ()
+    ) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise redis.ConnectionError("Redis went away")
-        super().converted(sop_uid, fields)
+        super().converted(sop_uid, fields, frames)
 
 
 def run_dispatcher(
@@ -38,7 +40,11 @@ def run_dispatcher(
     ledger: Ledger,
     files: list[bytes],
     enqueue: Callable[[EmbedBatch], str] | None = None,
+    *,
+    options: ConvertOptions | None = None,
+    limits: DispatchLimits | None = None,
 ) -> list[EmbedBatch]:
+    """Dispatch ``files`` (spooled as SOP UIDs 1.2.3.1, 1.2.3.2, ...) until idle; the batches."""
     spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
     batches: list[EmbedBatch] = []
 
@@ -52,8 +58,8 @@ def run_dispatcher(
         ledger=ledger,
         enqueue=collect,
         queue_depth=lambda: 0,
-        options=ConvertOptions(size=64),
-        limits=DispatchLimits(batch_size=4, linger_seconds=0.1, in_flight=2),
+        options=options or ConvertOptions(size=64),
+        limits=limits or DispatchLimits(batch_size=4, linger_seconds=0.1, in_flight=2),
         processes=1,
     )
     dispatcher.start()
@@ -99,7 +105,7 @@ def test_series_batched_and_bad_file_quarantined(tmp_path: Path, redis_conn: red
 def test_redis_outage_loses_nothing(tmp_path: Path, redis_conn: redis.Redis) -> None:
     """Conversions whose ledger write fails are converted again, not dropped."""
     batches = run_dispatcher(tmp_path, FlakyLedger(redis_conn, failures=2), encoded_series(5))
-    sent = sorted(item.sop_instance_uid for batch in batches for item in batch.items)
+    sent = sorted(item.image.sop_instance_uid for batch in batches for item in batch.items)
     assert sent == [f"1.2.3.{i}" for i in range(1, 6)]
 
 
@@ -118,7 +124,7 @@ def test_an_unusable_series_uid_is_quarantined_and_never_wedges(
         [*bad, *good],
         enqueue=lambda batch: enqueue_batch(queue, batch, timeout=60, retries=0),
     )
-    sent = sorted(item.sop_instance_uid for b in batches for item in b.items)
+    sent = sorted(item.image.sop_instance_uid for b in batches for item in b.items)
     assert sent == ["1.2.3.2", "1.2.3.3"]  # in the order their conversions finished
     assert queue.count == 1
     ledger = Ledger(redis_conn)

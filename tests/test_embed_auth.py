@@ -12,12 +12,12 @@ import pytest
 import redis
 
 from emulator import EmulatorServer, EmulatorSettings
+from pacs_embed.compose import build_client
 from pipeline.embed import AZURE_ML_SCOPE, EndpointClient, RedisLimiter, TokenCache
 from pipeline.errors import ConfigError, TransientEndpointError
 from pipeline.keys import inflight_key
 from pipeline.settings import Settings
 from tests.test_emulator import gradient, png
-from workers.main import build_client
 
 TOKEN = "entra-token-1"  # noqa: S105 - a stub token, not a secret
 

@@ -23,13 +23,14 @@ from PIL import Image
 from rq import Queue, SimpleWorker, Worker
 
 from emulator import EmulatorServer, model
+from pacs_embed.compose import build_client
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, ImageItem, enqueue_batch
 from pipeline.ledger import Ledger
+from pipeline.records import ImageRecord
 from pipeline.settings import Settings
 from pipeline.store import EmbeddingStore
 from tests.test_emulator_faults import Start, emulators
 from workers import runtime
-from workers.main import build_client
 from workers.service import EmbedService
 
 KEY = "fault-test-key"
@@ -48,17 +49,26 @@ def image_png(n: int) -> bytes:
     return buffer.getvalue()
 
 
+def record(sop: str, series: str = "1.2.826.0.1.3") -> ImageRecord:
+    return ImageRecord(
+        sop_instance_uid=sop,
+        study_instance_uid="1.2.826.0.1",
+        series_instance_uid=series,
+        modality="CT",
+        body_part="CHEST",
+    )
+
+
 def items(count: int, series: str = "1.2.826.0.1.3") -> list[ImageItem]:
-    return [
-        ImageItem(f"{series}.{n}", series, "1.2.826.0.1", "CT", "CHEST", 0, image_png(n))
-        for n in range(count)
-    ]
+    return [ImageItem(record(f"{series}.{n}", series), image_png(n)) for n in range(count)]
 
 
 def enqueue(connection: redis.Redis, images: list[ImageItem], retries: int = 5) -> None:
     queue = Queue(EMBED_QUEUE, connection=connection)
     for start in range(0, len(images), BATCH):
-        batch = EmbedBatch(images[start].series_instance_uid, tuple(images[start : start + BATCH]))
+        batch = EmbedBatch(
+            images[start].image.series_instance_uid, tuple(images[start : start + BATCH])
+        )
         enqueue_batch(queue, batch, timeout=120, retries=retries, retry_intervals=[0])
 
 
@@ -97,11 +107,11 @@ def check_outcome(
     bad = bad or {}
     ledger = Ledger(connection)
     store = EmbeddingStore(connection, ledger)
-    uids = [item.sop_instance_uid for item in images]
+    uids = _uids(images)
     assert ledger.embedded(uids) == [uid not in bad for uid in uids]
     for item in images:
-        if item.sop_instance_uid not in bad:
-            vector = store.get(item.sop_instance_uid)
+        if item.image.sop_instance_uid not in bad:
+            vector = store.get(item.image.sop_instance_uid)
             assert vector is not None
             np.testing.assert_allclose(vector, model.embed_image(item.png), atol=1e-6)
     failures = {f.sop_instance_uid: f.reason for f in ledger.failures()}
@@ -160,12 +170,12 @@ def test_bad_image_quarantined_with_the_server_message(
     """An image refused with 400 is quarantined with that message; its batch-mates are embedded."""
     server = start(rate_503=0.3)
     images = items(8)
-    broken = ImageItem("1.2.826.0.1.3.99", "1.2.826.0.1.3", "1.2.826.0.1", "CT", "", 0, b"BAD")
+    broken = ImageItem(record("1.2.826.0.1.3.99"), b"BAD")
     images.insert(3, broken)
     enqueue(redis_conn, images)
     drain(settings(server.url, redis_server), redis_conn)
     check_outcome(
-        redis_conn, server, images, bad={broken.sop_instance_uid: "image not a readable PNG"}
+        redis_conn, server, images, bad={broken.image.sop_instance_uid: "image not a readable PNG"}
     )
 
 
@@ -181,7 +191,7 @@ def test_endpoint_down_for_good_quarantines_every_image(
 
 
 def _uids(images: list[ImageItem]) -> list[str]:
-    return [item.sop_instance_uid for item in images]
+    return [item.image.sop_instance_uid for item in images]
 
 
 @pytest.mark.e2e

@@ -26,6 +26,7 @@ from pipeline.intake import Event, IntakeLog, Kind
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, ImageItem, enqueue_batch
 from pipeline.ledger import Ledger, Stage
 from pipeline.metrics import EndpointMetrics
+from pipeline.records import ImageRecord
 from pipeline.settings import DetectSettings
 from pipeline.store import EmbeddingStore
 from workers.service import EmbedService
@@ -50,6 +51,16 @@ class Endpoint:
         return EmbedResult(image=vectors * np.nan, text=vectors, scaling_factor=4.5)
 
 
+def record(uid: str) -> ImageRecord:
+    return ImageRecord(
+        sop_instance_uid=uid,
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.3",
+        modality="CT",
+        body_part="Chest",
+    )
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -70,7 +81,7 @@ def exercise(conn: redis.Redis) -> dict[str, str]:
     look()
     embeddable = uids[:-2]
     for uid in embeddable:
-        ledger.converted(uid, {"modality": "CT", "body_part": "CHEST"})
+        ledger.converted(uid, {"modality": "CT", "body_part": "CHEST"}, frames=[0])
     ledger.queued(embeddable, "embed-test")
     ledger.skipped(uids[-2], "not an image")
     ledger.failed(uids[-1], Stage.CONVERT, "unreadable")
@@ -83,7 +94,7 @@ def exercise(conn: redis.Redis) -> dict[str, str]:
     health.publish(conn, "dispatcher", {"ok": True})
     batch = EmbedBatch(
         "1.2.3",
-        tuple(ImageItem(uid, "1.2.3", "1.2", "CT", "Chest", 0, uid.encode()) for uid in embeddable),
+        tuple(ImageItem(record(uid), uid.encode()) for uid in embeddable),
     )
     enqueue_batch(Queue(EMBED_QUEUE, connection=conn), batch, timeout=60, retries=1)
     look()

@@ -14,7 +14,7 @@ from redis.retry import Retry
 from structlog.testing import capture_logs
 
 from emulator import EmulatorServer, EmulatorSettings
-from pacs_embed.services import admin_server, metrics_collector
+from pacs_embed.compose import Root
 from pipeline.embed import EndpointClient, RedisLimiter
 from pipeline.keys import inflight_key
 from pipeline.metrics import EndpointMetrics, FleetCollector, render
@@ -121,7 +121,7 @@ def test_metrics_route_needs_the_token_and_shows_in_flight(
     )
     lease = RedisLimiter(redis_conn, inflight_key(url), 3).acquire(1)
     EndpointMetrics(redis_conn).attempt(status="200", seconds=0.1, bytes_sent=10, images=4)
-    admin = admin_server(settings, redis_conn)
+    admin = Root(settings, redis_conn).admin
     admin.start_in_thread()
     try:
         host, port = admin.address
@@ -147,6 +147,6 @@ def test_metrics_route_needs_the_token_and_shows_in_flight(
 def test_no_limit_no_in_flight_gauge(redis_conn: redis.Redis) -> None:
     """With the in-flight limit off (0) the collector does not invent a gauge for it."""
     settings = Settings.load(endpoint={"url": "http://127.0.0.1:9/score", "max_in_flight": 0})
-    names = {name for name, _ in samples(metrics_collector(settings, redis_conn))}
+    names = {name for name, _ in samples(Root(settings, redis_conn).fleet_metrics)}
     assert f"{METRIC_PREFIX}in_flight" not in names
     assert f"{METRIC_PREFIX}requests_total" not in names  # nothing recorded yet: no samples

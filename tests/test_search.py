@@ -11,14 +11,16 @@ import pytest
 import redis
 
 from pacs_embed import cli
-from pacs_embed.verdict_commands import admin_routes
+from pacs_embed.compose import Root
 from pipeline.admin.server import AdminServer
 from pipeline.detect.search import nearest
-from pipeline.detect.verdict import SCORED, InstanceVerdict
 from pipeline.ledger import Ledger
+from pipeline.records import ImageRecord
 from pipeline.settings import Settings
-from pipeline.store import Embedded, EmbeddingStore
+from pipeline.store import EmbeddingStore
+from pipeline.verdicts import SCORED, InstanceVerdict
 from tests.admin_http import get as admin_get
+from tests.conftest import free_port
 
 
 def unit(*values: float) -> np.ndarray:
@@ -42,37 +44,47 @@ VECTORS = {
 def store(redis_conn: redis.Redis) -> EmbeddingStore:
     """Five stored images; 1.2.4 is in cohort MR/HEAD, the rest in CR/CHEST."""
     s = EmbeddingStore(redis_conn, Ledger(redis_conn))
-    items, verdicts = [], []
-    for uid, vector in VECTORS.items():
-        items.append(Embedded(uid, "1.3", "1.4", "CR", "CHEST", 0, vector))
+    images, verdicts = [], []
+    for uid in VECTORS:
+        image = record(uid)
+        images.append(image)
         cohort = "MR/HEAD" if uid == "1.2.4" else "CR/CHEST"
-        verdicts.append(
-            InstanceVerdict(uid, "1.3", "1.4", cohort, SCORED, 0.1, 0.5, 0.01, 10, 100, 1, False)
-        )
-    s.save(items, verdicts)
+        verdicts.append(InstanceVerdict(image, cohort, SCORED, 0.1, 0.5, 0.01, 10, 100, 1, False))
+    s.save(images, np.stack(list(VECTORS.values())), verdicts)
     return s
+
+
+def record(uid: str, frame: int = 0) -> ImageRecord:
+    return ImageRecord(
+        sop_instance_uid=uid,
+        frame=frame,
+        study_instance_uid="1.4",
+        series_instance_uid="1.3",
+        modality="CR",
+        body_part="CHEST",
+    )
 
 
 def test_nearest_orders_by_cosine_and_skips_the_query(store: EmbeddingStore) -> None:
     """Hits come most similar first, with their similarity; the query's own UID is left out."""
     hits = nearest(store, VECTORS["1.2.1"], top=3, exclude="1.2.1")
-    assert [h.sop_instance_uid for h in hits] == ["1.2.2", "1.2.3", "1.2.4"]
+    assert [h.image.key for h in hits] == ["1.2.2", "1.2.3", "1.2.4"]
     assert hits[0].similarity == pytest.approx(float(VECTORS["1.2.1"] @ VECTORS["1.2.2"]))
-    assert hits[0].series_instance_uid == "1.3" and hits[0].cohort == "CR/CHEST"
+    assert hits[0].image == record("1.2.2") and hits[0].cohort == "CR/CHEST"
 
 
 def test_nearest_within_a_cohort(store: EmbeddingStore) -> None:
     """--cohort searches only that cohort's images."""
     hits = nearest(store, VECTORS["1.2.1"], top=10, cohort="MR/HEAD")
-    assert [h.sop_instance_uid for h in hits] == ["1.2.4"]
+    assert [h.image.key for h in hits] == ["1.2.4"]
 
 
 def test_nearest_keeps_the_best_across_chunks(store: EmbeddingStore) -> None:
     """The running top-N is right when the store is read in many small chunks."""
     original = store.vectors_in_chunks
-    store.vectors_in_chunks = lambda uids=None, chunk=1000: original(uids, chunk=2)  # type: ignore[method-assign]
+    store.vectors_in_chunks = lambda keys=None, chunk=1000: original(keys, chunk=2)  # type: ignore[method-assign]
     hits = nearest(store, VECTORS["1.2.5"], top=2)
-    assert [h.sop_instance_uid for h in hits] == ["1.2.5", "1.2.4"]
+    assert [h.image.key for h in hits] == ["1.2.5", "1.2.4"]
 
 
 def test_top_is_bounded(store: EmbeddingStore) -> None:
@@ -98,7 +110,8 @@ def test_cli_search_by_sop_prints_json(
 
 @pytest.fixture
 def admin(store: EmbeddingStore, redis_conn: redis.Redis) -> Iterator[AdminServer]:
-    server = AdminServer("127.0.0.1", 0, BEARER, admin_routes(Settings.load(), redis_conn))
+    settings = Settings.load(admin={"host": "127.0.0.1", "port": free_port(), "token": BEARER})
+    server = Root(settings, redis_conn).admin
     server.start_in_thread()
     yield server
     server.shutdown()
@@ -113,9 +126,7 @@ def test_admin_search_route(admin: AdminServer) -> None:
     code, doc = get(admin, "/search?sop=1.2.1&top=1")
     assert code == 200 and doc["hits"] == [
         {
-            "sop_instance_uid": "1.2.2",
-            "series_instance_uid": "1.3",
-            "study_instance_uid": "1.4",
+            **record("1.2.2").to_dict(),
             "cohort": "CR/CHEST",
             "similarity": pytest.approx(float(VECTORS["1.2.1"] @ VECTORS["1.2.2"]), abs=1e-5),
         }

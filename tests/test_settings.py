@@ -18,7 +18,7 @@ from dicom_listener.dispatcher import Dispatcher, DispatchLimits
 from emulator import faults, handler
 from emulator import server as emulator_server
 from emulator.server import EmulatorServer
-from pacs_embed import cli
+from pacs_embed import cli, compose
 from pipeline import sections
 from pipeline import settings as composition
 from pipeline.convert import options
@@ -147,6 +147,7 @@ MODULES: tuple[ModuleType, ...] = (
     emulator_server,
     client,
     worker_main,
+    compose,
     cli,
 )
 
@@ -247,7 +248,7 @@ def test_sections_reach_the_runtime_objects_whole() -> None:
     limits = DispatchLimits.from_settings(settings)
     assert {k: getattr(limits, k) for k in QueueSettings.model_fields} == dict(settings.queue)
     assert limits.in_flight == 2 * 3
-    with worker_main.build_client(settings) as endpoint:
+    with compose.build_client(settings) as endpoint:
         assert endpoint._endpoint is settings.endpoint
 
 

@@ -19,15 +19,17 @@ pytestmark = [
 
 
 def workers(daemon: Daemon) -> set[int]:
-    """PIDs of `run`'s live `pacs-embed worker` children."""
+    """PIDs of `run`'s live `pacs-embed worker` children (direct children only: rq forks a
+    scheduler below a worker, with the same command line)."""
     assert daemon.proc is not None
     found = set()
     for pid in descendants(daemon.proc.pid):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if b"worker" in argv:
+        if b"worker" in argv and parent == daemon.proc.pid:
             found.add(pid)
     return found
 

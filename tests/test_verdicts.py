@@ -13,7 +13,13 @@ from structlog.testing import capture_logs
 
 from pipeline.detect.detector import Detector, reference_store
 from pipeline.detect.scoring import unit_rows
-from pipeline.detect.verdict import (
+from pipeline.embed.contract import EMBEDDING_DIM
+from pipeline.jobs import EmbedBatch, ImageItem
+from pipeline.ledger import Ledger
+from pipeline.records import ImageRecord
+from pipeline.settings import DetectSettings
+from pipeline.store import EmbeddingStore
+from pipeline.verdicts import (
     BOOTSTRAP,
     SCORED,
     InstanceVerdict,
@@ -21,11 +27,6 @@ from pipeline.detect.verdict import (
     series_verdict,
     study_verdict,
 )
-from pipeline.embed.contract import EMBEDDING_DIM
-from pipeline.jobs import EmbedBatch, ImageItem
-from pipeline.ledger import Ledger
-from pipeline.settings import DetectSettings
-from pipeline.store import Embedded, EmbeddingStore
 from workers.service import EmbedService
 
 DIM = EMBEDDING_DIM
@@ -50,7 +51,14 @@ class Embedder:
 
 
 def image(n: int, png: bytes, series: str = "1.2.3", study: str = "1.2") -> ImageItem:
-    return ImageItem(f"1.2.3.{n}", series, study, "CT", "Chest", 0, png)
+    record = ImageRecord(
+        sop_instance_uid=f"1.2.3.{n}",
+        study_instance_uid=study,
+        series_instance_uid=series,
+        modality="CT",
+        body_part="Chest",
+    )
+    return ImageItem(record, png)
 
 
 def make(conn: redis.Redis, settings: DetectSettings = SETTINGS) -> tuple[EmbedService, Detector]:
@@ -99,25 +107,13 @@ def test_series_embedding_is_the_normalised_mean_counted_once(redis_conn: redis.
     service.run(EmbedBatch("1.2.3", tuple(items[:3])))
     service.run(EmbedBatch("1.2.3", tuple(items)))
     service.store.save(  # a duplicate save (e.g. two workers on one batch) must not double-count
-        [_embedded(items[0])], None
+        [items[0].image], Embedder().embed_images([items[0].png])
     )
     vectors = Embedder().embed_images([item.png for item in items])
     mean = vectors.mean(axis=0)
     series = service.store.series_vector("1.2.3")
     assert series is not None
     np.testing.assert_allclose(series, mean / np.linalg.norm(mean), atol=1e-6)
-
-
-def _embedded(item: ImageItem) -> Embedded:
-    return Embedded(
-        item.sop_instance_uid,
-        item.series_instance_uid,
-        item.study_instance_uid,
-        item.modality,
-        item.body_part,
-        0,
-        Embedder().embed_images([item.png])[0],
-    )
 
 
 def test_study_verdict_aggregates_its_series(redis_conn: redis.Redis) -> None:
@@ -138,9 +134,10 @@ def test_study_verdict_aggregates_its_series(redis_conn: redis.Redis) -> None:
 
 
 def verdict(n: int, outlier: bool, p: float = 0.5) -> InstanceVerdict:
-    return InstanceVerdict(
-        f"1.{n}", "1.9", "1", "CT/CHEST", SCORED, 0.1, p, 0.01, 10, 100, 1, outlier
+    record = ImageRecord(
+        sop_instance_uid=f"1.{n}", study_instance_uid="1", series_instance_uid="1.9"
     )
+    return InstanceVerdict(record, "CT/CHEST", SCORED, 0.1, p, 0.01, 10, 100, 1, outlier)
 
 
 def test_series_rule_is_a_binomial_test() -> None:

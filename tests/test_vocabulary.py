@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.convert import ConvertOptions, convert_file
-from pipeline.convert.fields import check_embeddable, identity_of
+from pipeline.convert.fields import check_embeddable, record_of
 from pipeline.errors import ConversionError, NotEmbeddedError
 from pipeline.vocabulary import UNKNOWN, body_part_term, modality_code
 from tests import factory
@@ -65,9 +65,9 @@ def test_non_image_modalities_and_classes_are_skipped() -> None:
     ds = factory.ct_slice(study_uid="1.2", series_uid="1.3", instance_number=1, rows=8)
     ds.Modality = "SEG"
     with pytest.raises(NotEmbeddedError, match="Modality SEG"):
-        check_embeddable(identity_of(ds, options), options)
+        check_embeddable(record_of(ds, options), options)
     ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.30"
     with pytest.raises(NotEmbeddedError, match=r"SOP Class 1\.2\.840\.10008\.5\.1\.4\.1\.1\.30 "):
-        check_embeddable(identity_of(ds, options), options)
+        check_embeddable(record_of(ds, options), options)
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    check_embeddable(identity_of(ds, options), options)
+    check_embeddable(record_of(ds, options), options)

@@ -11,6 +11,7 @@ import redis
 from pipeline.errors import EndpointAuthError, PermanentEndpointError, TransientEndpointError
 from pipeline.jobs import EmbedBatch, ImageItem, split
 from pipeline.ledger import Ledger
+from pipeline.records import ImageRecord
 from pipeline.store import EmbeddingStore
 from workers.service import EmbedService
 
@@ -32,7 +33,14 @@ class StubEmbedder:
 
 
 def item(n: int, png: bytes | None = None) -> ImageItem:
-    return ImageItem(f"1.2.3.{n}", "1.2.3", "1.2", "CT", "CHEST", 0, png or bytes([n]) * 10)
+    record = ImageRecord(
+        sop_instance_uid=f"1.2.3.{n}",
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.3",
+        modality="CT",
+        body_part="CHEST",
+    )
+    return ImageItem(record, png or bytes([n]) * 10)
 
 
 @pytest.fixture
@@ -91,9 +99,7 @@ def test_split_caps_count_and_bytes() -> None:
     assert [len(b) for b in split(items, 16, 250)] == [2, 2, 2, 1]
     big = [item(1, bytes(1000)), item(2, bytes(10))]
     assert [len(b) for b in split(big, 16, 500)] == [1, 1]
-    assert [i.sop_instance_uid for b in split(items, 3, 10_000) for i in b] == [
-        i.sop_instance_uid for i in items
-    ]
+    assert [i.image.key for b in split(items, 3, 10_000) for i in b] == [i.image.key for i in items]
 
 
 class RefusingEmbedder(StubEmbedder):

@@ -1,7 +1,9 @@
 """What an embed job does: batch -> endpoint -> vectors -> verdicts -> store. No rq in here.
 
-Idempotent by SOP Instance UID: images the store already has are dropped before the endpoint is
-called, so a batch redone after a crash costs nothing twice and stores nothing twice.
+Idempotent per image, (SOP Instance UID, frame): images the store already has are dropped before
+the endpoint is called, so a batch redone after a crash costs nothing twice and stores nothing
+twice, while other frames of the same instance, in this batch or another, are still embedded.
+The instance is marked embedded by the store once all its selected frames are stored.
 
 Verdicts (pipeline/detect) are computed before the store's transaction and written in it, so an
 embedded image always has its verdict; the references learn from the batch after the commit. A
@@ -18,11 +20,12 @@ import numpy as np
 import structlog
 
 from pipeline.detect.detector import Detector
-from pipeline.detect.verdict import InstanceVerdict
 from pipeline.errors import PermanentEndpointError
 from pipeline.jobs import EmbedBatch, ImageItem
 from pipeline.ledger import Ledger, Stage
-from pipeline.store import Embedded, EmbeddingStore
+from pipeline.records import ImageRecord
+from pipeline.store import EmbeddingStore
+from pipeline.verdicts import InstanceVerdict
 
 log = structlog.get_logger(__name__)
 
@@ -56,61 +59,63 @@ class EmbedService:
 
     def run(self, batch: EmbedBatch) -> Outcome:
         """Embed what is not embedded yet. Transient endpoint errors propagate (rq retries)."""
-        done = self.ledger.embedded(batch.sop_uids)
-        todo = [item for item, is_done in zip(batch.items, done, strict=True) if not is_done]
+        stored = self.store.stored([image.key for image in batch.images])
+        todo = [item for item, done in zip(batch.items, stored, strict=True) if not done]
+        already = len(batch.items) - len(todo)
         if not todo:
-            return Outcome(0, len(batch.items), 0)
-        try:
-            saved, failed = self._embed(todo), 0
-        except PermanentEndpointError as exc:
-            if len(todo) == 1:
-                self._fail(todo, exc)
-                return Outcome(0, len(batch.items) - len(todo), len(todo))
-            # One bad image must not take its 15 neighbours down: isolate it.
-            saved, failed = self._one_by_one(todo)
-        return Outcome(saved, len(batch.items) - len(todo), failed)
+            saved, failed = 0, 0
+        else:
+            try:
+                saved, failed = self._embed(todo), 0
+            except PermanentEndpointError as exc:
+                if len(todo) == 1:
+                    self._fail(todo, exc)
+                    saved, failed = 0, 1
+                else:  # one bad image must not take its 15 neighbours down: isolate it
+                    saved, failed = self._one_by_one(todo)
+        if already:
+            # Instances none of whose images were new here (a redone batch, a resend) may still
+            # be complete; those with a new image were settled by their save.
+            fresh = {item.image.sop_instance_uid for item in todo}
+            self.store.settle(
+                [
+                    item.image
+                    for item, done in zip(batch.items, stored, strict=True)
+                    if done and item.image.sop_instance_uid not in fresh
+                ]
+            )
+        return Outcome(saved, already, failed)
 
     def _embed(self, items: list[ImageItem]) -> int:
+        images = [item.image for item in items]
         vectors = self.client.embed_images([item.png for item in items])
-        self.store.save(
-            [
-                Embedded(
-                    sop_instance_uid=item.sop_instance_uid,
-                    series_instance_uid=item.series_instance_uid,
-                    study_instance_uid=item.study_instance_uid,
-                    modality=item.modality,
-                    body_part=item.body_part,
-                    frame=item.frame,
-                    vector=vector,
-                )
-                for item, vector in zip(items, vectors, strict=True)
-            ],
-            self._assess(items, vectors),
-        )
-        self._learn(items, vectors)
+        self.store.save(images, vectors, self._assess(images, vectors))
+        self._learn(images, vectors)
         return len(items)
 
-    def _assess(self, items: list[ImageItem], vectors: np.ndarray) -> list[InstanceVerdict] | None:
+    def _assess(
+        self, images: list[ImageRecord], vectors: np.ndarray
+    ) -> list[InstanceVerdict] | None:
         if self.detector is None:
             return None
         try:
-            verdicts = self.detector.assess(items, vectors)
+            verdicts = self.detector.assess(images, vectors)
         except Exception as exc:  # never lose an embedding to a detection bug or outage
             log.exception("detect.failed", step="assess", error=type(exc).__name__)
             return None
-        flagged = [v.sop_instance_uid for v in verdicts if v.outlier or v.label_mismatch]
+        flagged = [v.image.key for v in verdicts if v.outlier or v.label_mismatch]
         if flagged:
-            log.info("detect.flagged", images=len(flagged), sop_instance_uids=flagged)
+            log.info("detect.flagged", images=len(flagged), image_keys=flagged)
         return verdicts
 
-    def _learn(self, items: list[ImageItem], vectors: np.ndarray) -> None:
+    def _learn(self, images: list[ImageRecord], vectors: np.ndarray) -> None:
         """Grow the references after the commit; revise verdicts a reference trim changed."""
         if self.detector is None:
             return
         try:
-            revisions = self.detector.learn(items, vectors)
+            revisions = self.detector.learn(images, vectors)
             if revisions:
-                stored = self.store.verdicts([r.sop_instance_uid for r in revisions])
+                stored = self.store.verdicts([r.key for r in revisions])
                 self.store.put_verdicts(
                     [r.apply(v) for r, v in zip(revisions, stored, strict=True) if v is not None]
                 )
@@ -129,21 +134,20 @@ class EmbedService:
         return saved, failed
 
     def _fail(self, items: list[ImageItem], exc: Exception) -> None:
+        """Quarantine the instances of ``items``: one frame that cannot be embedded fails its
+        instance (its other frames stay stored; it is never complete)."""
         reason = f"endpoint: {exc}"
-        for item in items:
-            self.ledger.failed(item.sop_instance_uid, Stage.EMBED, reason)
+        sop_uids = list(dict.fromkeys(item.image.sop_instance_uid for item in items))
+        for sop_uid in sop_uids:
+            self.ledger.failed(sop_uid, Stage.EMBED, reason)
         log.warning(
             "embed.quarantined",
             images=len(items),
             reason=reason,
-            sop_instance_uids=[item.sop_instance_uid for item in items],
+            image_keys=[item.image.key for item in items],
         )
 
     def give_up(self, batch: EmbedBatch, exc: Exception) -> None:
         """The job's last retry failed transiently: record why, so the instances are final."""
-        pending = [
-            i
-            for i, d in zip(batch.items, self.ledger.embedded(batch.sop_uids), strict=True)
-            if not d
-        ]
-        self._fail(pending, exc)
+        stored = self.store.stored([image.key for image in batch.images])
+        self._fail([item for item, done in zip(batch.items, stored, strict=True) if not done], exc)

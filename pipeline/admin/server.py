@@ -1,4 +1,8 @@
-"""`pacs-embed admin`: /healthz (no auth), /readyz, /status and /metrics (bearer token)."""
+"""`pacs-embed admin`: serves the route table of ``pipeline.admin.routes`` over HTTP.
+
+It declares no route of its own: a path not in the table is 404, a route marked ``token`` without
+the right bearer token is 401, a handler that raises is 503 (logged, its message withheld).
+"""
 
 from __future__ import annotations
 
@@ -6,44 +10,23 @@ import hmac
 import json
 import threading
 import urllib.parse
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import structlog
 
+from pipeline.admin.routes import Body, Route, Text
+
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class Text:
-    """A route's answer that is not JSON, e.g. the Prometheus exposition of /metrics."""
-
-    body: bytes
-    content_type: str
-
-
-#: A route gets the query string's parameters (the last value of each name; most routes ignore
-#: them) and returns (HTTP status, JSON-able dict or Text).
-Route = Callable[[dict[str, str]], tuple[int, dict[str, Any] | Text]]
-
-
 class AdminServer:
-    """A small threaded HTTP server; routes are plain callables returning (status, body)."""
+    """A small threaded HTTP server answering ``routes`` (path -> route), and nothing else."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        token: str,
-        routes: dict[str, Route],
-    ) -> None:
+    def __init__(self, host: str, port: int, token: str, routes: Mapping[str, Route]) -> None:
         self.token = token
-        self.routes: dict[str, Route] = {
-            "/healthz": lambda _query: (200, {"status": "ok"}),
-            **routes,
-        }
+        self.routes = routes
         self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -68,18 +51,16 @@ class AdminServer:
                 route = server.routes.get(path)
                 if route is None:
                     self._send(404, {"error": "not found"})
-                elif path != "/healthz" and not server._authorised(
-                    self.headers.get("Authorization")
-                ):
+                elif route.token and not server._authorised(self.headers.get("Authorization")):
                     self._send(401, {"error": "bearer token required"})
                 else:
                     try:
-                        self._send(*route(dict(urllib.parse.parse_qsl(query))))
+                        self._send(*route.handler(dict(urllib.parse.parse_qsl(query))))
                     except Exception as exc:
                         log.exception("admin.error", path=path)
                         self._send(503, {"error": type(exc).__name__})
 
-            def _send(self, status: int, body: dict[str, Any] | Text) -> None:
+            def _send(self, status: int, body: Body) -> None:
                 if isinstance(body, Text):
                     data, content_type = body.body, body.content_type
                 else:

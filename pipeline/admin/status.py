@@ -34,15 +34,20 @@ def workers(connection: redis.Redis) -> list[dict[str, Any]]:
     ]
 
 
-def gather(connection: redis.Redis, spool_dir: Path, quarantine_dir: Path) -> dict[str, Any]:
+def gather(
+    connection: redis.Redis,
+    ledger: Ledger,
+    intake: IntakeLog,
+    spool_dir: Path,
+    quarantine_dir: Path,
+) -> dict[str, Any]:
     """``instances``: current states, adding up to ``received``; ``counters``: cumulative event
     counts; ``input``: what the listener refused or rejected; ``failures`` and ``skipped``: the
     most recent first."""
-    ledger = Ledger(connection)
     return {
         "instances": ledger.counts(),
         "counters": ledger.counters(),
-        "input": IntakeLog(connection).summary(),
+        "input": intake.summary(),
         "queues": {EMBED_QUEUE: queue_depths(connection)},
         "workers": workers(connection),
         "dispatchers": health.reports(connection, "dispatcher"),
@@ -58,7 +63,8 @@ def gather(connection: redis.Redis, spool_dir: Path, quarantine_dir: Path) -> di
 
 
 def ready(connection: redis.Redis, spool_dir: Path) -> dict[str, bool]:
-    """What /readyz checks: Redis answers, the spool is writable, no dispatcher is stuck."""
+    """What /readyz checks: Redis answers, the spool is writable (an empty probe file is created
+    in the spool's tmp dir and removed), no dispatcher is stuck."""
     checks = {"redis": False, "spool_writable": False, "dispatcher": False}
     try:
         checks["redis"] = bool(connection.ping())

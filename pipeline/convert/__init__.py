@@ -3,7 +3,7 @@
 Public API::
 
     ConvertOptions, ModalityRule, ConvertedImage   options in, result out (frozen, picklable)
-    convert_file(path, options)                    read + sample + to_png + non-PHI header fields
+    convert_file(path, options)                    read + sample + to_png + a record per frame
     to_png(ds, options) -> list[bytes]             one PNG per selected frame
     render_frame(ds, frame, options)               one frame as 8 bits, before resize/PNG
     to_u8(ds, stored, frame, options)              the grey/colour stage alone (for the bench)
@@ -160,17 +160,14 @@ def convert_file(
     """Read a DICOM file, apply series sampling, convert; top-level so a process pool can pickle it.
 
     Raises NotSampledError when the modality's series policy leaves the instance out (decided
-    from its header before any pixel is decoded). Only UIDs, SOP Class, Modality and Body Part
-    Examined are copied out: no patient data.
+    from its header before any pixel is decoded). Only UIDs, SOP Class, Modality, Body Part
+    Examined and the view are copied out (``fields.record_of``): no patient data.
     """
     ds = decode.read(Path(path), options.max_decoded_bytes)
-    sop_instance_uid = _str(ds, "SOPInstanceUID")
-    if not sop_instance_uid:
-        raise ConversionError("no SOP Instance UID")
-    identity = fields.identity_of(ds, options)
-    resolved = options.for_modality(identity.modality)
+    record = fields.record_of(ds, options)
+    resolved = options.for_modality(record.modality)
     if decode.has_pixel_data(ds):  # without, conversion says why: "no Pixel Data (...)"
-        fields.check_embeddable(identity, options)
+        fields.check_embeddable(record, options)
         reason = series_skip_reason(
             _optional_int(ds, "InstanceNumber"),
             _optional_int(ds, "ImagesInAcquisition"),
@@ -181,13 +178,7 @@ def convert_file(
             raise NotSampledError(reason)
     frames, pngs, decoder = _frames_and_pngs(ds, resolved)
     return ConvertedImage(
-        sop_instance_uid=sop_instance_uid,
-        study_instance_uid=identity.study_instance_uid,
-        series_instance_uid=identity.series_instance_uid,
-        sop_class_uid=identity.sop_class_uid,
-        modality=identity.modality,
-        body_part=identity.body_part,
-        frames=tuple(frames),
+        images=tuple(record.at_frame(frame) for frame in frames),
         pngs=tuple(pngs),
         decoder=decoder,
     )

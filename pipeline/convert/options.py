@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from pipeline.errors import ConfigError
+from pipeline.records import ImageRecord
 from pipeline.sections import ConvertSettings, ModalityRule
 
 if TYPE_CHECKING:
@@ -65,19 +66,19 @@ class ConvertOptions(ConvertSettings):
 
 @dataclass(frozen=True)
 class ConvertedImage:
-    """One object's PNGs plus the few non-PHI header fields the embed workers may see."""
+    """One object converted: a record (its identity and non-PHI header fields) and a PNG per
+    selected frame, row-aligned."""
 
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_class_uid: str
-    modality: str
-    body_part: str
-    frames: tuple[int, ...]
+    images: tuple[ImageRecord, ...]
     pngs: tuple[bytes, ...]
     #: The plugin that decoded the pixels ("pylibjpeg", "pillow", "gdcm", ...; "native" when
     #: uncompressed); frames decoded by different plugins list each once, comma-separated.
     decoder: str = ""
+
+    @property
+    def frames(self) -> tuple[int, ...]:
+        """The selected frames (0-based), in order."""
+        return tuple(image.frame for image in self.images)
 
 
 def select_frames(n_frames: int, policy: str, param: int = 1) -> list[int]:

@@ -8,9 +8,11 @@ Modules, in the order a verdict is made::
     admission   pure numpy: which images join a reference (bootstrap, growth, cap)
     reference   the reference sets in Redis: cached snapshots, optimistic transactions
     labels      zero-shot label check: prompt embeddings cached in Redis, softmax, margin
-    verdict     instance verdicts and the series / study aggregation rule
     detector    the glue a worker calls: assess (before storing) and learn (after)
-    search      nearest stored images by cosine similarity
+    search      nearest stored images by cosine similarity (the store is handed in)
+    transfer    reference sets to and from .npz files
 
-Nothing is imported here, so ``pipeline.store`` can use ``verdict`` without import cycles.
+The verdicts themselves (instance verdicts, the series / study aggregation rule) are
+``pipeline.verdicts``, a leaf below both this package and ``pipeline.store``: the store keeps
+verdicts without importing the detector, and nothing here imports the store.
 """

@@ -42,7 +42,7 @@ from pipeline.detect.scoring import (
     trim_bootstrap,
     unit_rows,
 )
-from pipeline.detect.verdict import BOOTSTRAP, SCORED
+from pipeline.verdicts import BOOTSTRAP, SCORED
 
 
 @dataclass(frozen=True)

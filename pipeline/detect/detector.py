@@ -13,43 +13,25 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 import redis
-import structlog
 
 from pipeline.detect.cohort import CohortRule
 from pipeline.detect.labels import PromptEmbeddings, TextEmbedder, header_label, judge, zero_shot
 from pipeline.detect.reference import ReferenceStore
 from pipeline.detect.scoring import Floats, knn_scores, p_values, unit_rows
-from pipeline.detect.verdict import SCORED, InstanceVerdict, LabelVerdict
 from pipeline.embed.contract import EMBEDDING_DIM
+from pipeline.records import ImageRecord
 from pipeline.settings import DetectSettings, Settings
-
-log = structlog.get_logger(__name__)
-
-
-class Image(Protocol):
-    """The non-PHI header fields of an image (``pipeline.jobs.ImageItem`` has them)."""
-
-    @property
-    def sop_instance_uid(self) -> str: ...
-    @property
-    def series_instance_uid(self) -> str: ...
-    @property
-    def study_instance_uid(self) -> str: ...
-    @property
-    def modality(self) -> str: ...
-    @property
-    def body_part(self) -> str: ...
+from pipeline.verdicts import SCORED, InstanceVerdict, LabelVerdict
 
 
 @dataclass(frozen=True)
 class Revision:
     """A stored verdict to rewrite: a reference image trimmed as a gross outlier, re-scored."""
 
-    sop_instance_uid: str
+    key: str  # the image's (pipeline.records.image_key)
     score: float
     p_value: float
     outlier: bool
@@ -82,17 +64,17 @@ class Detector:
         self.prompts = prompts
         self.rule = cohort_rule(settings)
 
-    def cohort_of(self, image: Image) -> str:
-        return self.rule.key(image.modality, image.body_part, getattr(image, "view", ""))
+    def cohort_of(self, image: ImageRecord) -> str:
+        return self.rule.key(image.modality, image.body_part, image.view)
 
-    def _rows_by_cohort(self, images: Sequence[Image]) -> dict[str, list[int]]:
+    def _rows_by_cohort(self, images: Sequence[ImageRecord]) -> dict[str, list[int]]:
         """Cohort -> the indices of its images, cohorts in order of first appearance."""
         groups: dict[str, list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(self.cohort_of(image), []).append(i)
         return groups
 
-    def assess(self, images: Sequence[Image], vectors: Floats) -> list[InstanceVerdict]:
+    def assess(self, images: Sequence[ImageRecord], vectors: Floats) -> list[InstanceVerdict]:
         """One verdict per image (row-aligned with ``vectors``)."""
         unit = unit_rows(vectors)
         labels = self._labels(images, unit)
@@ -105,11 +87,8 @@ class Detector:
                 scores, _ = knn_scores(unit[rows], snap.vectors, s.k)
             p = p_values(scores, snap.loo_sorted) if snap.state == SCORED else scores * np.nan
             for j, i in enumerate(rows):
-                image = images[i]
                 verdicts[i] = InstanceVerdict(
-                    sop_instance_uid=image.sop_instance_uid,
-                    series_instance_uid=image.series_instance_uid,
-                    study_instance_uid=image.study_instance_uid,
+                    image=images[i],
                     cohort=cohort,
                     state=snap.state,
                     score=float(scores[j]),
@@ -123,7 +102,7 @@ class Detector:
                 )
         return [v for v in verdicts if v is not None]
 
-    def _labels(self, images: Sequence[Image], unit: Floats) -> list[LabelVerdict | None]:
+    def _labels(self, images: Sequence[ImageRecord], unit: Floats) -> list[LabelVerdict | None]:
         loaded = self.prompts.get() if self.prompts is not None else None
         if loaded is None or self.prompts is None:
             return [None] * len(images)
@@ -142,18 +121,16 @@ class Detector:
             for image, row in zip(images, probabilities, strict=True)
         ]
 
-    def learn(self, images: Sequence[Image], vectors: Floats) -> list[Revision]:
+    def learn(self, images: Sequence[ImageRecord], vectors: Floats) -> list[Revision]:
         """Offer the images to their references; revisions for reference images trimmed now."""
         unit = unit_rows(vectors)
         revisions: list[Revision] = []
         for cohort, rows in self._rows_by_cohort(images).items():
-            result = self.references.admit(
-                cohort, unit[rows], [images[i].sop_instance_uid for i in rows]
-            )
+            result = self.references.admit(cohort, unit[rows], [images[i].key for i in rows])
             after = result.snapshot
             revisions.extend(
                 Revision(
-                    sop_instance_uid=t.uid,
+                    key=t.uid,
                     score=t.score,
                     p_value=t.p_value,
                     outlier=bool(t.p_value < self.settings.alpha),
@@ -193,13 +170,9 @@ def build_detector(
     references = reference_store(d, connection)
     prompts = None
     url = settings.endpoint.url
-    emulator = f"http://{settings.emulator.host}:{settings.emulator.port}/score"
-    if url == emulator and d.label_check:
-        # `run`'s local emulator embeds text and images in unrelated spaces: every image would
-        # be a "mismatch". Its outlier flags still mean something (similar pictures, similar
-        # vectors); its labels do not.
-        log.info("labels.disabled", reason="the local emulator is not a vision-language model")
-    elif d.label_check and d.label_prompts and client is not None and url:
+    # `run` turns label_check off when it starts the local emulator, whose text and image
+    # vectors are unrelated (every image would be a "mismatch"); decided there, once.
+    if d.label_check and d.label_prompts and client is not None and url:
         prompts = PromptEmbeddings(
             connection, client, url, settings.endpoint.deployment, d.label_prompts
         )

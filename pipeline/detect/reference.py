@@ -29,8 +29,8 @@ import structlog
 from pipeline.detect import admission
 from pipeline.detect.admission import Admission, Plan, Snapshot
 from pipeline.detect.scoring import Floats, neighbour_table, unit_rows
-from pipeline.detect.verdict import BOOTSTRAP, SCORED
 from pipeline.keys import REF_COHORTS, reference_keys
+from pipeline.verdicts import BOOTSTRAP, SCORED
 
 log = structlog.get_logger(__name__)
 

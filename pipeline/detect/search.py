@@ -8,33 +8,49 @@ a few hundred thousand images. A per-query ANN index would pay only beyond that.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.detect.scoring import unit_rows
-from pipeline.store import EmbeddingStore
+from pipeline.records import FRAME_SEPARATOR, ImageRecord, parse_image_key
+from pipeline.verdicts import InstanceVerdict
 
 #: Most hits a query may ask for.
 MAX_TOP = 1000
 
 
+class StoredImages(Protocol):
+    """What a search reads from the embeddings store (``pipeline.store.EmbeddingStore``, handed
+    in by the caller: this package does not import the store)."""
+
+    def cohort_members(self, cohort: str) -> list[str]: ...
+
+    def vectors_in_chunks(
+        self, keys: Sequence[str] | None = None, chunk: int = 1000
+    ) -> Iterator[tuple[list[str], npt.NDArray[np.float32]]]: ...
+
+    def records(self, keys: Sequence[str]) -> list[ImageRecord | None]: ...
+
+    def verdicts(self, keys: Sequence[str]) -> list[InstanceVerdict | None]: ...
+
+
 @dataclass(frozen=True)
 class Hit:
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
+    image: ImageRecord
     cohort: str
     similarity: float
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The image's record (``sop_instance_uid``, ``frame``, ...), cohort and similarity."""
+        return {**self.image.to_dict(), "cohort": self.cohort, "similarity": self.similarity}
 
 
 def nearest(
-    store: EmbeddingStore,
+    store: StoredImages,
     query: npt.ArrayLike,
     *,
     top: int = 10,
@@ -44,33 +60,42 @@ def nearest(
     """The ``top`` stored images most similar to ``query`` (most similar first).
 
     ``cohort`` restricts the search to images whose verdict put them in that cohort; ``exclude``
-    leaves one SOP UID out (the query image itself).
+    leaves out every frame of one SOP Instance UID (the query image's instance).
     """
     if not 1 <= top <= MAX_TOP:
         raise ValueError(f"top must be between 1 and {MAX_TOP}, got {top}")
     q = unit_rows(query)[0]
     members = store.cohort_members(cohort) if cohort else None
-    best_uids: list[str] = []
+    best_keys: list[str] = []
     best_sims = np.empty(0, dtype=np.float32)
-    for uids, matrix in store.vectors_in_chunks(members):
+    for keys, matrix in store.vectors_in_chunks(members):
         sims = matrix @ q
-        if exclude is not None and exclude in uids:
-            sims[uids.index(exclude)] = -np.inf
-        merged_uids = best_uids + uids
+        if exclude is not None:
+            frames_of = f"{exclude}{FRAME_SEPARATOR}"
+            for i, key in enumerate(keys):
+                if key == exclude or key.startswith(frames_of):
+                    sims[i] = -np.inf
+        merged_keys = best_keys + keys
         merged = np.concatenate([best_sims, sims])
         keep = np.argsort(-merged, kind="stable")[:top]
         keep = keep[np.isfinite(merged[keep])]
-        best_uids = [merged_uids[i] for i in keep]
+        best_keys = [merged_keys[i] for i in keep]
         best_sims = merged[keep]
-    metas = store.meta(best_uids)
-    verdicts = store.verdicts(best_uids)
+    records = store.records(best_keys)
+    verdicts = store.verdicts(best_keys)
     return [
         Hit(
-            sop_instance_uid=uid,
-            series_instance_uid=str(meta.get("series", "")),
-            study_instance_uid=str(meta.get("study", "")),
+            image=record or _bare(key),
             cohort=verdict.cohort if verdict else "",
             similarity=round(float(sim), 6),
         )
-        for uid, sim, meta, verdict in zip(best_uids, best_sims, metas, verdicts, strict=True)
+        for key, sim, record, verdict in zip(best_keys, best_sims, records, verdicts, strict=True)
     ]
+
+
+def _bare(key: str) -> ImageRecord:
+    """A hit whose record is gone (deleted by hand): its identity only."""
+    sop, frame = parse_image_key(key)
+    return ImageRecord(
+        sop_instance_uid=sop, frame=frame, study_instance_uid="", series_instance_uid=""
+    )

@@ -5,6 +5,7 @@ Format: ``.npz`` (numpy, no pickle) with
     vectors              (n, 1024) float         required
     cohort               str, one per row or one for all (or give ``--cohort``)
     sop_instance_uids    str per row             optional
+    frame                int per row             optional (0): the frame of a multi-frame object
     outlier              bool per row            optional: flagged rows are not imported
 
 so an ``embeddings export`` file imports as it is (its flagged images left out), and a
@@ -24,6 +25,7 @@ from pipeline.detect.admission import Snapshot
 from pipeline.detect.cohort import CohortRule
 from pipeline.detect.reference import ReferenceStore
 from pipeline.detect.scoring import Floats, scores_from_table, unit_rows
+from pipeline.records import image_key, parse_image_key
 
 #: Seed of the subsample taken when a file holds more vectors than ``max_reference``.
 SUBSAMPLE_SEED = 0
@@ -42,7 +44,8 @@ class Imported:
 def read_reference_file(
     path: Path, rule: CohortRule, cohort: str | None = None
 ) -> dict[str, tuple[Floats, list[str], int]]:
-    """Cohort -> (unit vectors, SOP UIDs, flagged rows left out); ValueError names the problem."""
+    """Cohort -> (unit vectors, image keys, flagged rows left out); ValueError names the
+    problem."""
     if path.suffix.lower() == ".parquet":
         raise ValueError(
             "parquet needs pyarrow, which pacs-embed does not install; save the vectors as .npz"
@@ -63,7 +66,15 @@ def read_reference_file(
         cohorts = [cohort] * n
     if cohorts is None:
         raise ValueError("no 'cohort' array; give --cohort")
-    uids = _per_row(arrays.get("sop_instance_uids"), n, "sop_instance_uids") or [""] * n
+    sops = _per_row(arrays.get("sop_instance_uids"), n, "sop_instance_uids") or [""] * n
+    frames = _per_row(arrays.get("frame"), n, "frame") or ["0"] * n
+    try:
+        uids = [
+            image_key(sop, int(frame)) if sop else ""
+            for sop, frame in zip(sops, frames, strict=True)
+        ]
+    except ValueError as exc:
+        raise ValueError("'frame' must hold integers") from exc
     flagged = np.asarray(arrays.get("outlier", np.zeros(n, bool)), dtype=bool).reshape(-1)
     unit = unit_rows(vectors)
     groups: dict[str, tuple[Floats, list[str], int]] = {}
@@ -121,7 +132,10 @@ def write_reference_file(path: Path, snapshots: list[Snapshot]) -> int:
             if present
             else np.zeros((0, dim), np.float32),
             cohort=np.array([s.cohort for s in present for _ in range(s.size)], dtype=str),
-            sop_instance_uids=np.array([u for s in present for u in s.uids], dtype=str),
+            sop_instance_uids=np.array(
+                [parse_image_key(u)[0] for s in present for u in s.uids], dtype=str
+            ),
+            frame=np.array([parse_image_key(u)[1] for s in present for u in s.uids], dtype=int),
             loo_score=np.concatenate([scores_from_table(s.table) for s in present])
             if present
             else np.zeros(0),

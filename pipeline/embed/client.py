@@ -1,4 +1,4 @@
-"""The HTTP client of the MedImageInsight online endpoint (DESIGN §5).
+"""The HTTP client of the MedImageInsight online endpoint (docs/architecture.md §7).
 
 One ``embed(rows)`` call is one logical request: it retries transient failures (408, 429, 5xx,
 dropped connections, timeouts, a 2xx body cut short) with full-jitter exponential back-off that
@@ -6,7 +6,9 @@ honours ``Retry-After``, splits the batch in half on 413, and maps everything el
 ``EndpointError`` tree:
 
     TransientEndpointError   still failing after max_attempts or past the deadline: retry the job
-    PermanentEndpointError   401/403/400/404/424/...: the server's message is the quarantine reason
+      EndpointAuthError      401/403 at once, unretried here: the key or token is wrong, not the
+                             images, so the job is retried later (nothing is quarantined)
+    PermanentEndpointError   400/404/424/...: the server's message is the quarantine reason
     ResponseFormatError      a 2xx JSON answer that does not fit the contract (see contract.py)
 
 Each HTTP attempt (not each call) holds a slot of the optional fleet-wide ``limiter`` while it is
@@ -36,7 +38,7 @@ from pipeline.embed.limiter import InFlightLimiter, Lease
 from pipeline.embed.retry import (
     TOO_LARGE_STATUS,
     TRANSIENT_STATUSES,
-    Failure,
+    AttemptFailure,
     next_delay,
     permanent_message,
     retry_after_seconds,
@@ -150,7 +152,7 @@ class EndpointClient:
 
     def _post_with_retries(self, rows: list[Row], deadline_at: float) -> EmbedResult:
         content = json.dumps(build_request(rows), separators=(",", ":")).encode()
-        failure = Failure("no attempt made", "none")
+        failure = AttemptFailure("no attempt made", "none")
         attempts = 0
         while attempts < self._endpoint.max_attempts:
             if deadline_at - self._clock() <= 0:
@@ -171,7 +173,9 @@ class EndpointClient:
             )
             if self._clock() + delay >= deadline_at:
                 message = f"{failure.message}; next wait of {delay:.1f} s would pass the deadline"
-                failure = Failure(message, failure.reason, failure.status, failure.retry_after)
+                failure = AttemptFailure(
+                    message, failure.reason, failure.status, failure.retry_after
+                )
                 break
             log.warning(
                 "endpoint.retry",
@@ -194,7 +198,7 @@ class EndpointClient:
 
     def _attempt(
         self, content: bytes, rows: list[Row], deadline_at: float
-    ) -> EmbedResult | Failure:
+    ) -> EmbedResult | AttemptFailure:
         """One POST inside one in-flight slot: the result, or the transient failure to retry."""
         headers = self._headers()  # may fetch a token: before taking a slot, not inside it
         lease = self._take_slot(deadline_at)
@@ -215,7 +219,7 @@ class EndpointClient:
         except httpx.TransportError as exc:
             kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
             self._report(kind, time.perf_counter() - started, content)
-            return Failure(type(exc).__name__, kind)
+            return AttemptFailure(type(exc).__name__, kind)
         finally:
             if lease is not None:
                 lease.release()
@@ -228,14 +232,16 @@ class EndpointClient:
             if status not in TRANSIENT_STATUSES:
                 self._raise_unretried(response)
             retry_after = retry_after_seconds(response.headers)
-            return Failure(f"HTTP {status}", str(status), status, retry_after)
+            return AttemptFailure(f"HTTP {status}", str(status), status, retry_after)
         try:
             body = response.json()
         except (ValueError, UnicodeDecodeError) as exc:
             # A 2xx cut short, or a proxy's page, says nothing about the images: try again.
             self._report(str(status), elapsed, content)
             snippet = response.text[:80]
-            return Failure(f"HTTP {status} body is not JSON ({exc}): {snippet!r}", "malformed")
+            return AttemptFailure(
+                f"HTTP {status} body is not JSON ({exc}): {snippet!r}", "malformed"
+            )
         try:
             result = parse_contract_response(body, rows)
         except ResponseFormatError:

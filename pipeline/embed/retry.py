@@ -25,7 +25,7 @@ MAX_ERROR_BODY_CHARS = 500
 
 
 @dataclass(frozen=True)
-class Failure:
+class AttemptFailure:
     """One attempt's transient failure: the message, the reason it is counted under in metrics
     (a status such as ``"429"``, or ``"timeout"``, ``"connection"``, ``"malformed"``), and the
     status and ``Retry-After`` hint when the server answered."""

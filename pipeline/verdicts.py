@@ -1,5 +1,8 @@
 """What the detector says about an image, a series and a study, as plain values.
 
+A leaf below both the detector (which makes verdicts) and the store (which keeps them and
+aggregates them when read), so neither imports the other.
+
 Instance verdicts are computed; series and study verdicts are *derived* from the instance
 verdicts each time they are read (pure functions below), so a late image, a redone batch or a
 retroactive bootstrap flag can never leave an aggregate out of date.
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from pipeline.records import ImageRecord
 
 #: Verdict states: ``bootstrap`` while the cohort's reference is too small to calibrate
 #: (p-value NaN, never flagged), ``scored`` once it is.
@@ -46,9 +51,7 @@ class LabelVerdict:
 class InstanceVerdict:
     """One image's verdict, with everything needed to reproduce or audit it."""
 
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
+    image: ImageRecord
     cohort: str
     state: str
     score: float  # NaN while the reference is empty
@@ -66,19 +69,29 @@ class InstanceVerdict:
         return self.label is not None and self.label.mismatch
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-safe dict: NaN becomes null (JSON has no NaN)."""
-        doc = asdict(self)
+        """JSON-safe dict, the image's record flattened in: NaN becomes null (JSON has no NaN)."""
+        doc = {**self.image.to_dict(), **{name: getattr(self, name) for name in _VERDICT_FIELDS}}
+        doc["label"] = asdict(self.label) if self.label is not None else None
         for key in ("score", "p_value"):
             doc[key] = _finite_or_none(doc[key])
         return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> InstanceVerdict:
-        values = dict(doc)
+        """Also reads a verdict stored before records carried a frame and a view."""
+        values = {name: doc[name] for name in _VERDICT_FIELDS if name in doc}
         for key in ("score", "p_value"):
-            values[key] = math.nan if values.get(key) is None else float(values[key])
-        label = values.pop("label", None)
-        return cls(**values, label=LabelVerdict(**label) if label else None)
+            values[key] = math.nan if doc.get(key) is None else float(doc[key])
+        label = doc.get("label")
+        return cls(
+            image=ImageRecord.from_dict(doc),
+            label=LabelVerdict(**label) if label else None,
+            **values,
+        )
+
+
+#: The verdict's own fields, stored beside its image's record.
+_VERDICT_FIELDS = tuple(f.name for f in fields(InstanceVerdict) if f.name not in ("image", "label"))
 
 
 def _finite_or_none(value: float) -> float | None:
