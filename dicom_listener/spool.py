@@ -12,6 +12,7 @@ are acknowledged as resends.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +34,30 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: errno values of a filesystem without hard links (some SMB/CIFS and FUSE mounts).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
+
+
+def _link_or_replace(tmp_name: str, final: Path) -> bool:
+    """Put ``tmp_name`` at ``final`` unless something is there already; False if it was.
+
+    ``link`` fails atomically when the name exists, which settles concurrent sends of one
+    instance. Where the filesystem has no hard links, an exists-check and ``replace`` do: a race
+    there writes the same bytes twice and may convert the instance twice (idempotent), no worse.
+    """
+    try:
+        os.link(tmp_name, final)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if final.exists():
+            return False
+        os.replace(tmp_name, final)
+    return True
 
 
 class Spool:
@@ -77,9 +102,7 @@ class Spool:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-                try:
-                    os.link(tmp_name, final)
-                except FileExistsError:
+                if not _link_or_replace(tmp_name, final):
                     return None
             finally:
                 Path(tmp_name).unlink(missing_ok=True)

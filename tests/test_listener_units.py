@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import threading
 import tracemalloc
 import warnings
@@ -305,3 +307,19 @@ def test_uid_validation_and_job_ids() -> None:
     assert set(jid) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
     assert jid == job_id("embed", "1.2.3", ["1.2.3.5", "1.2.3.4"])
     assert jid != job_id("embed", "1.2.3", ["1.2.3.4"])
+
+
+def test_spool_works_where_hard_links_do_not(
+    spool: Spool, ct: pydicom.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a filesystem without hard links (link() -> EPERM), instances are still spooled once."""
+
+    def no_links(_src: str, _dst: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    event = FakeEvent(encode(ct), ct.SOPInstanceUID, ct.SOPClassUID)
+    status, submitted = store(event, spool)
+    assert status == StoreStatus.SUCCESS and submitted == [spool.path_for(ct.SOPInstanceUID)]
+    assert submitted[0].read_bytes() == event.data and list(spool.tmp.iterdir()) == []
+    assert store(event, spool) == (StoreStatus.SUCCESS, [])  # a resend is still a resend
