@@ -98,7 +98,7 @@ def run_ours(path: Path) -> tuple[dict[str, float], list[bytes]]:
     pngs = []
     for frame in range(n):
         t0 = time.process_time()
-        stored, bits_stored = decode.decode_frame(ds, decoder, frame)
+        stored, bits_stored, _plugin = decode.decode_frame(ds, decoder, frame)
         t1 = time.process_time()
         grey = to_u8(ds, stored, frame, options, bits_stored)
         t2 = time.process_time()

@@ -260,7 +260,7 @@ class Dispatcher:
         except redis.RedisError:
             raise  # an outage: keep the batch, the loop backs off and tries again
         except Exception as exc:
-            for sop_uid in dict.fromkeys(batch.sop_uids):
+            for sop_uid in batch.sop_uids:
                 path = self.spool.path_for(sop_uid)
                 self._quarantine(sop_uid, path, "cannot enqueue", f"{type(exc).__name__}: {exc}")
             return

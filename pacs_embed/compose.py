@@ -26,7 +26,6 @@ from functools import cached_property
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import numpy.typing as npt
 import redis
 
 from pacs_embed.secrets import ensure_secret_file
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
     from pipeline.detect.cohort import CohortRule
     from pipeline.detect.detector import Detector
     from pipeline.detect.reference import ReferenceStore
-    from pipeline.detect.search import Hit
     from pipeline.embed.client import EndpointClient
     from pipeline.embed.limiter import RedisLimiter
     from pipeline.metrics import FleetCollector
@@ -113,19 +111,6 @@ class Root:
         from pipeline.detect.detector import cohort_rule
 
         return cohort_rule(self.settings.detect)
-
-    def nearest(
-        self,
-        query: npt.ArrayLike,
-        *,
-        top: int,
-        cohort: str | None = None,
-        exclude: str | None = None,
-    ) -> list[Hit]:
-        """The stored images most similar to ``query`` (see ``pipeline.detect.search``)."""
-        from pipeline.detect.search import nearest
-
-        return nearest(self.store, query, top=top, cohort=cohort, exclude=exclude)
 
     def status(self) -> dict[str, Any]:
         """The /status document."""

@@ -18,6 +18,7 @@ import numpy.typing as npt
 from pacs_embed.compose import Root, with_local_endpoint
 from pipeline.convert import ConvertOptions, convert_file
 from pipeline.detect import transfer
+from pipeline.detect.search import nearest
 from pipeline.errors import ConfigError
 
 
@@ -80,7 +81,7 @@ def search(args: argparse.Namespace, root: Root) -> int:
         query = _embed_file(args.file, root)
     cohort = root.cohort_rule.parse(args.cohort) if args.cohort else None
     try:
-        hits = root.nearest(query, top=args.top, cohort=cohort, exclude=args.sop)
+        hits = nearest(root.store, query, top=args.top, cohort=cohort, exclude=args.sop)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if args.json:

@@ -15,8 +15,7 @@ from typing import Any
 import redis
 import structlog
 
-from pipeline.keys import health_key
-from pipeline.ledger import text
+from pipeline.keys import health_key, text
 
 log = structlog.get_logger(__name__)
 

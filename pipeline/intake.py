@@ -20,7 +20,8 @@ import redis
 import structlog
 
 from pipeline import keys
-from pipeline.ledger import iso, text
+from pipeline.keys import text
+from pipeline.ledger import iso
 
 log = structlog.get_logger(__name__)
 
@@ -83,9 +84,8 @@ class IntakeLog:
             pipe.lrange(keys.INTAKE_RECENT, 0, recent - 1)
             counts, events = pipe.execute()
         by_kind: dict[str, dict[str, int]] = {kind: {} for kind in Kind}
-        for raw_key, count in counts.items():
-            kind, _, reason = text(raw_key).partition("|")
-            by_kind.setdefault(kind, {})[reason] = int(count)
+        for (kind, reason), count in _parse(counts).items():
+            by_kind.setdefault(kind, {})[reason] = count
         return {
             "refused": by_kind.pop(Kind.REFUSED),
             "associations_rejected": by_kind.pop(Kind.ASSOCIATION_REJECTED),
@@ -96,8 +96,13 @@ class IntakeLog:
 
     def totals(self) -> dict[tuple[str, str], int]:
         """(kind, reason) -> count, for the metrics."""
-        out: dict[tuple[str, str], int] = {}
-        for raw_key, count in self.redis.hgetall(keys.INTAKE_COUNTS).items():
-            kind, _, reason = text(raw_key).partition("|")
-            out[(kind, reason)] = int(count)
-        return out
+        return _parse(self.redis.hgetall(keys.INTAKE_COUNTS))
+
+
+def _parse(counts: dict[Any, Any]) -> dict[tuple[str, str], int]:
+    """The counts hash as (kind, reason) -> count."""
+    out: dict[tuple[str, str], int] = {}
+    for raw_key, count in counts.items():
+        kind, _, reason = text(raw_key).partition("|")
+        out[(kind, reason)] = int(count)
+    return out

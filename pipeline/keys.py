@@ -99,8 +99,10 @@ and leases (expired within ``lease_seconds``).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 from dataclasses import dataclass
+from typing import Any
+
+from pipeline.uids import digest
 
 #: The prefix of every key pacs-embed writes (``pe:...``).
 PREFIX = "pe"
@@ -181,7 +183,7 @@ def reference_keys(cohort: str) -> dict[str, str]:
 def endpoint_identity(url: str, deployment: str | None = None) -> str:
     """A short digest naming one model deployment, the same on every host (the URL is hashed,
     not stored)."""
-    return hashlib.sha256(f"{url}\n{deployment or ''}".encode()).hexdigest()[:16]
+    return digest(f"{url}\n{deployment or ''}", 16)
 
 
 def prompt_cache_key(url: str, deployment: str | None = None) -> str:
@@ -256,3 +258,8 @@ def declared(key: str) -> Key | None:
     """The namespace row ``key`` belongs to (the most specific pattern matching), if any."""
     matches = [k for k in NAMESPACE if fnmatch.fnmatchcase(key, k.pattern)]
     return max(matches, key=lambda k: len(k.pattern), default=None)
+
+
+def text(value: Any) -> str:
+    """A key, member or field as Redis returns it (bytes) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)

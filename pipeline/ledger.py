@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from pipeline import keys
+from pipeline.keys import text
 
 
 class State(StrEnum):
@@ -63,11 +64,6 @@ _STATE_KEYS: Mapping[State, str] = {
 }
 _HASH_STATES = (State.SKIPPED, State.FAILED)
 _RECENT = {State.SKIPPED: keys.SKIPPED_RECENT, State.FAILED: keys.FAILED_RECENT}
-
-
-def text(value: Any) -> str:
-    """A Redis reply (bytes) as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def iso(at: float) -> str:

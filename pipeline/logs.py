@@ -21,21 +21,18 @@ from typing import Any
 import pydicom.config
 import structlog
 
+from pipeline.phi import PHI_KEYWORDS
+
 #: Event keys whose values are patient data (DICOM keywords and the snake_case we would use).
 PHI_KEYS = frozenset(
     {
-        "PatientName",
+        *PHI_KEYWORDS,
         "patient_name",
-        "PatientID",
         "patient_id",
-        "PatientBirthDate",
         "patient_birth_date",
         "birth_date",
-        "AccessionNumber",
         "accession_number",
         "accession",
-        "OtherPatientIDs",
-        "PatientAddress",
         "ReferringPhysicianName",
     }
 )

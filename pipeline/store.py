@@ -34,12 +34,12 @@ from pipeline.embed.contract import EMBEDDING_DIM
 from pipeline.keys import (
     EMB_META,
     EMB_VECTORS,
-    EMBEDDED,
     SERIES_VECTORS,
     VERDICTS,
     cohort_key,
     series_key,
     study_key,
+    text,
 )
 from pipeline.ledger import Ledger
 from pipeline.records import ImageRecord, image_key, parse_image_key
@@ -104,11 +104,12 @@ class EmbeddingStore:
                     complete = sorted(sop for state in sums.values() for sop in state.complete)
                     newly = [
                         sop
-                        for sop, already in zip(complete, _members(pipe, complete), strict=True)
+                        for sop, already in zip(
+                            complete, self.ledger.embedded(complete), strict=True
+                        )
                         if not already
                     ]
                     if not latest and not newly:
-                        pipe.reset()
                         return
                     pipe.multi()
                     for key, (image, row) in latest.items():
@@ -176,7 +177,7 @@ class EmbeddingStore:
         return self._series_verdicts([series_uid])[0]
 
     def study_verdict(self, study_uid: str) -> GroupVerdict | None:
-        series = sorted(_text(s) for s in self.redis.smembers(study_key(study_uid)))
+        series = sorted(text(s) for s in self.redis.smembers(study_key(study_uid)))
         parts = [v for v in self._series_verdicts(series) if v is not None]
         return study_verdict(study_uid, parts) if parts else None
 
@@ -186,7 +187,7 @@ class EmbeddingStore:
             for uid in series_uids:
                 pipe.hkeys(series_key(uid))
             members = [
-                [f[len(_COUNTED) :] for f in map(_text, fields) if f.startswith(_COUNTED)]
+                [f[len(_COUNTED) :] for f in map(text, fields) if f.startswith(_COUNTED)]
                 for fields in pipe.execute()
             ]
         found = iter(self.verdicts([key for keys in members for key in keys]))
@@ -205,7 +206,7 @@ class EmbeddingStore:
             found: list[str] = []
             rows: list[bytes] = []
             for key, raw in self.redis.hscan_iter(EMB_VECTORS, count=chunk):
-                found.append(_text(key))
+                found.append(text(key))
                 rows.append(raw)
                 if len(found) >= chunk:
                     yield found, _matrix(rows)
@@ -222,7 +223,7 @@ class EmbeddingStore:
 
     def cohort_members(self, cohort: str) -> list[str]:
         """The image keys of a cohort."""
-        return sorted(_text(s) for s in self.redis.smembers(cohort_key(cohort)))
+        return sorted(text(s) for s in self.redis.smembers(cohort_key(cohort)))
 
     def records(self, keys: Sequence[str]) -> list[ImageRecord | None]:
         """The stored record of each image key (None: not stored)."""
@@ -247,7 +248,7 @@ class EmbeddingStore:
         keys = [keys[i] for i in order]
         vectors = np.concatenate(chunks)[order] if chunks else _matrix([])
         columns = _columns(self, keys)
-        series = sorted(_text(s) for s in self.redis.hkeys(SERIES_VECTORS))
+        series = sorted(text(s) for s in self.redis.hkeys(SERIES_VECTORS))
         series_raw = self.redis.hmget(SERIES_VECTORS, series) if series else []
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as handle:
@@ -368,13 +369,6 @@ def _series_state(
     )
 
 
-def _members(pipe: Any, sop_uids: list[str]) -> list[bool]:
-    """Which instances the ledger already has as embedded (read under the caller's WATCH)."""
-    if not sop_uids:
-        return []
-    return [bool(flag) for flag in pipe.smismember(EMBEDDED, sop_uids)]
-
-
 def _stage_image(
     pipe: Any, image: ImageRecord, row: npt.NDArray[np.float32], verdict: InstanceVerdict | None
 ) -> None:
@@ -411,7 +405,3 @@ def _matrix(rows: Sequence[Any]) -> npt.NDArray[np.float32]:
     if not rows:
         return np.zeros((0, EMBEDDING_DIM), DTYPE)
     return np.frombuffer(b"".join(rows), dtype=DTYPE).reshape(len(rows), -1).copy()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

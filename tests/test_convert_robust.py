@@ -136,11 +136,11 @@ def test_off_standard_12bit_jpeg_falls_back_and_matches_dcmtk(
     assert dcmtk.returncode == 0 and "Invalid SOS parameters" in dcmtk.stdout + dcmtk.stderr
 
     result = convert_file(path)
-    assert (len(result.pngs), result.decoder) == (1, "gdcm") and result.decoder != preferred
+    assert (len(result.pngs), result.decoder) == (1, "gdcm")
 
     subprocess.run(["dcmdjpeg", str(path), str(tmp_path / "dj.dcm")], check=True)
     reference = pydicom.dcmread(tmp_path / "dj.dcm").pixel_array
-    stored, bits, plugin = decode.decode_frame_with_plugin(ds, decode.check(ds, 10**9, 10**9, 1), 0)
+    stored, bits, plugin = decode.decode_frame(ds, decode.check(ds, 10**9, 10**9, 1), 0)
     assert plugin == "gdcm" and np.array_equal(stored & ((1 << bits) - 1), reference)
 
 

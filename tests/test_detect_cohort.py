@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.detect.cohort import CohortRule, normalise_body_part, normalise_modality
+from pipeline.detect.cohort import CohortRule
+from pipeline.vocabulary import normalise_body_part, normalise_modality
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ lease emptied later disappears). A key built outside keys.py fails here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pytest
@@ -61,17 +60,13 @@ def record(uid: str) -> ImageRecord:
     )
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def exercise(conn: redis.Redis) -> dict[str, str]:
     """Key -> Redis type of every key seen during a short run through every writer."""
     seen: dict[str, str] = {}
 
     def look() -> None:
         for key in conn.scan_iter(count=1000):
-            seen.setdefault(_text(key), _text(conn.type(key)))
+            seen.setdefault(keys.text(key), keys.text(conn.type(key)))
 
     # The listener: ledger states, intake events, dispatcher health.
     ledger = Ledger(conn)

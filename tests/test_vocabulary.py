@@ -13,7 +13,7 @@ from pipeline.errors import ConversionError, NotEmbeddedError
 from pipeline.vocabulary import UNKNOWN, body_part_term, modality_code
 from tests import factory
 
-OVERRUN = "CT\\x08\\x00\\x10\\x00PN\\x0a\\x00DOE^JANE^X\\x10\\x00\\x20\\x00LO\\x08\\x00PID-4711"
+OVERRUN = "CT\x08\x00\x10\x00PN\x0a\x00DOE^JANE^X\x10\x00\x20\x00LO\x08\x00PID-4711"
 
 
 @pytest.mark.parametrize(

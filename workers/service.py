@@ -59,9 +59,8 @@ class EmbedService:
 
     def run(self, batch: EmbedBatch) -> Outcome:
         """Embed what is not embedded yet. Transient endpoint errors propagate (rq retries)."""
-        stored = self.store.stored([image.key for image in batch.images])
-        todo = [item for item, done in zip(batch.items, stored, strict=True) if not done]
-        already = len(batch.items) - len(todo)
+        todo, done = self._split(batch)
+        already = len(done)
         if not todo:
             saved, failed = 0, 0
         else:
@@ -78,11 +77,7 @@ class EmbedService:
             # be complete; those with a new image were settled by their save.
             fresh = {item.image.sop_instance_uid for item in todo}
             self.store.settle(
-                [
-                    item.image
-                    for item, done in zip(batch.items, stored, strict=True)
-                    if done and item.image.sop_instance_uid not in fresh
-                ]
+                [item.image for item in done if item.image.sop_instance_uid not in fresh]
             )
         return Outcome(saved, already, failed)
 
@@ -149,5 +144,10 @@ class EmbedService:
 
     def give_up(self, batch: EmbedBatch, exc: Exception) -> None:
         """The job's last retry failed transiently: record why, so the instances are final."""
+        self._fail(self._split(batch)[0], exc)
+
+    def _split(self, batch: EmbedBatch) -> tuple[list[ImageItem], list[ImageItem]]:
+        """(to embed, already stored): the store decides, by image key (idempotent)."""
         stored = self.store.stored([image.key for image in batch.images])
-        self._fail([item for item, done in zip(batch.items, stored, strict=True) if not done], exc)
+        pairs = list(zip(batch.items, stored, strict=True))
+        return [item for item, have in pairs if not have], [item for item, have in pairs if have]

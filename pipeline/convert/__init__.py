@@ -93,7 +93,7 @@ def to_u8(
 def _render(
     ds: Dataset, decoder: Decoder | None, frame: int, options: ConvertOptions
 ) -> tuple[npt.NDArray[np.uint8], str]:
-    stored, bits_stored, plugin = decode.decode_frame_with_plugin(ds, decoder, frame)
+    stored, bits_stored, plugin = decode.decode_frame(ds, decoder, frame)
     return to_u8(ds, stored, frame, options, bits_stored), plugin
 
 
@@ -110,13 +110,13 @@ def render_frame(
 
 
 def _frames_and_pngs(ds: Dataset, options: ConvertOptions) -> tuple[list[int], list[bytes], str]:
-    """The selected frames, their PNGs and the plugin(s) that decoded them.
+    """The selected frames, their PNGs and the plugin(s) that decoded them; ``options`` already
+    resolved for the object's modality.
 
     Every unexpected failure becomes a ConversionError: a short reason, the exception's text
     in ``detail``.
     """
     try:
-        options = _resolve(ds, options)
         frames = select_frames(decode.frame_count(ds), options.frame_policy, options.frame_param)
         decoder = decode.check(ds, options.max_pixels, options.max_decoded_bytes, len(frames))
         pngs: list[bytes] = []
@@ -143,7 +143,7 @@ def to_png(ds: Dataset, options: ConvertOptions = _DEFAULT_OPTIONS) -> list[byte
     Raises NoPixelDataError for objects without an image, ConversionError for anything that
     cannot be decoded or rendered.
     """
-    return _frames_and_pngs(ds, options)[1]
+    return _frames_and_pngs(ds, _resolve(ds, options))[1]
 
 
 def _optional_int(ds: Dataset, keyword: str) -> int | None:

@@ -108,7 +108,7 @@ PREFERRED_PLUGINS: dict[str, str] = {
 FALLBACK_PLUGINS = ("pylibjpeg", "pyjpegls", "pillow", "pydicom")
 GDCM = "gdcm"
 
-#: What :func:`decode_frame_with_plugin` reports for uncompressed Pixel Data (no plugin).
+#: What :func:`decode_frame` reports for uncompressed Pixel Data (no plugin).
 NATIVE = "native"
 
 #: pydicom wraps a plugin's error in this sentence; the plugin's own words come after it.
@@ -493,13 +493,7 @@ def _raw_native(ds: Dataset, decoder: Decoder, index: int) -> npt.NDArray[Any] |
     return flat.reshape(_int(ds, "Rows"), _int(ds, "Columns"))
 
 
-def decode_frame(ds: Dataset, decoder: Decoder | None, index: int) -> tuple[npt.NDArray[Any], int]:
-    """Frame ``index`` as (values, bits_stored still to mask, 0 when done); see below."""
-    arr, bits_stored, _plugin = decode_frame_with_plugin(ds, decoder, index)
-    return arr, bits_stored
-
-
-def decode_frame_with_plugin(
+def decode_frame(
     ds: Dataset, decoder: Decoder | None, index: int
 ) -> tuple[npt.NDArray[Any], int, str]:
     """Frame ``index`` as (values, bits_stored still to mask, 0 when done, plugin that decoded).

@@ -31,7 +31,7 @@ def _raw(ds: Dataset, keyword: str) -> object:
             return MultiValue(str, [])
 
 
-def _uid(ds: Dataset, keyword: str, name: str, patient: set[str]) -> str:
+def _uid(ds: Dataset, keyword: str, name: str) -> str:
     value = _raw(ds, keyword)
     if isinstance(value, MultiValue):
         raise ConversionError(f"{name} is multi-valued or malformed")
@@ -39,7 +39,8 @@ def _uid(ds: Dataset, keyword: str, name: str, patient: set[str]) -> str:
     why = unsafe_reason(text)
     if why:
         raise ConversionError(f"{name} is {why}")
-    if not is_valid_uid(text) and carries_phi(text, patient):
+    # Only a non-conformant UID can hold text; the patient elements are read only then.
+    if not is_valid_uid(text) and carries_phi(text, phi_values(_raw(ds, k) for k in PHI_KEYWORDS)):
         raise ConversionError(f"{name} holds patient data")
     return text
 
@@ -80,12 +81,11 @@ def record_of(ds: Dataset, options: ConvertOptions) -> ImageRecord:
     sop_instance_uid = _sop_instance_uid(ds)
     modality = _raw(ds, "Modality")
     body_part = _raw(ds, "BodyPartExamined")
-    patient = phi_values(_raw(ds, keyword) for keyword in PHI_KEYWORDS)
     return ImageRecord(
         sop_instance_uid=sop_instance_uid,
-        study_instance_uid=_uid(ds, "StudyInstanceUID", "Study Instance UID", patient),
-        series_instance_uid=_uid(ds, "SeriesInstanceUID", "Series Instance UID", patient),
-        sop_class_uid=_uid(ds, "SOPClassUID", "SOP Class UID", patient),
+        study_instance_uid=_uid(ds, "StudyInstanceUID", "Study Instance UID"),
+        series_instance_uid=_uid(ds, "SeriesInstanceUID", "Series Instance UID"),
+        sop_class_uid=_uid(ds, "SOPClassUID", "SOP Class UID"),
         modality=modality_code(modality),
         body_part=body_part_term(body_part, dict(options.body_part_aliases)),
         view=view_of(ds),

@@ -15,13 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.vocabulary import (
-    UNKNOWN,
     normalise_body_part,
     normalise_modality,
     normalise_view,
 )
 
-__all__ = ["FIELDS", "UNKNOWN", "CohortRule", "normalise_body_part", "normalise_modality"]
+__all__ = ["FIELDS", "CohortRule"]
 
 
 #: The header fields a cohort key can be built from, in key order.

@@ -25,12 +25,12 @@ import numpy as np
 import redis
 import structlog
 
-from pipeline.detect.cohort import normalise_body_part, normalise_modality
 from pipeline.detect.scoring import Doubles, Floats, unit_rows
 from pipeline.embed.contract import EmbedResult, Row
 from pipeline.errors import EndpointError
 from pipeline.keys import prompt_cache_key
 from pipeline.verdicts import LabelVerdict
+from pipeline.vocabulary import normalise_body_part, normalise_modality
 
 log = structlog.get_logger(__name__)
 

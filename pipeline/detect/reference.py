@@ -29,7 +29,7 @@ import structlog
 from pipeline.detect import admission
 from pipeline.detect.admission import Admission, Plan, Snapshot
 from pipeline.detect.scoring import Floats, neighbour_table, unit_rows
-from pipeline.keys import REF_COHORTS, reference_keys
+from pipeline.keys import REF_COHORTS, reference_keys, text
 from pipeline.verdicts import BOOTSTRAP, SCORED
 
 log = structlog.get_logger(__name__)
@@ -69,7 +69,7 @@ class ReferenceStore:
             return Snapshot.empty(cohort, self.dim, self.policy)
         if (
             cached is not None
-            and cached.generation == _text(generation)
+            and cached.generation == text(generation)
             and cached.version == int(cast(bytes, version))
         ):
             return cached
@@ -82,14 +82,14 @@ class ReferenceStore:
             generation, version = conn.hmget(
                 reference_keys(cohort)["meta"], ["generation", "version"]
             )
-            if _text(generation) == cached.generation and _text(version) == str(cached.version):
+            if text(generation) == cached.generation and text(version) == str(cached.version):
                 return cached
         for start in ((cached.size if cached else 0), 0):
             meta, vec, knn, uids = self._read(conn, cohort, start, atomic)
             if not meta:
                 self._cache.pop(cohort, None)
                 return Snapshot.empty(cohort, self.dim, self.policy)
-            info = {_text(k): _text(v) for k, v in meta.items()}
+            info = {text(k): text(v) for k, v in meta.items()}
             same = cached is not None and info["generation"] == cached.generation
             if start and not same:
                 continue  # the tail we fetched belongs to another generation: fetch it all
@@ -109,7 +109,7 @@ class ReferenceStore:
                 info["state"],
                 base,
                 rows,
-                [_text(u) for u in uids][: size - start],
+                [text(u) for u in uids][: size - start],
                 table if stored_k == self.policy.k else None,
                 self.policy,
             )
@@ -136,7 +136,7 @@ class ReferenceStore:
         ]
 
     def cohorts(self) -> list[str]:
-        return sorted(_text(c) for c in self.redis.smembers(REF_COHORTS))
+        return sorted(text(c) for c in self.redis.smembers(REF_COHORTS))
 
     # -- writing ------------------------------------------------------------------------------
     def admit(self, cohort: str, vectors: Floats, uids: Sequence[str]) -> Admission:
@@ -222,7 +222,3 @@ class ReferenceStore:
                 "updated": f"{time.time():.3f}",
             },
         )
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

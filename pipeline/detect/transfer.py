@@ -124,6 +124,7 @@ def write_reference_file(path: Path, snapshots: list[Snapshot]) -> int:
     """Export references: the import columns plus each row's LOO score and the version."""
     present = [s for s in snapshots if s.size]
     dim = present[0].vectors.shape[1] if present else 1024
+    ids = [parse_image_key(key) for s in present for key in s.uids]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
         np.savez(
@@ -132,10 +133,8 @@ def write_reference_file(path: Path, snapshots: list[Snapshot]) -> int:
             if present
             else np.zeros((0, dim), np.float32),
             cohort=np.array([s.cohort for s in present for _ in range(s.size)], dtype=str),
-            sop_instance_uids=np.array(
-                [parse_image_key(u)[0] for s in present for u in s.uids], dtype=str
-            ),
-            frame=np.array([parse_image_key(u)[1] for s in present for u in s.uids], dtype=int),
+            sop_instance_uids=np.array([sop for sop, _ in ids], dtype=str),
+            frame=np.array([frame for _, frame in ids], dtype=int),
             loo_score=np.concatenate([scores_from_table(s.table) for s in present])
             if present
             else np.zeros(0),

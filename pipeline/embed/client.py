@@ -94,8 +94,8 @@ class EndpointClient:
             raise ConfigError("endpoint.url is not set (PACS_EMBED_ENDPOINT__URL)")
         if key is not None and credential is not None:
             raise ValueError("give either key or credential, not both")
-        self._url = endpoint.url
         self._endpoint = endpoint
+        self._url: str = endpoint.url  # checked set above
         self._key = key or None
         self._tokens = TokenCache(credential) if credential is not None else None
         self._limiter = limiter
