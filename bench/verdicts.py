@@ -262,14 +262,11 @@ def main() -> None:
     print("NOTE: embeddings come from the local endpoint emulator, which is NOT MedImageInsight")
     print("(a 32x32 thumbnail projected to 1024-d): figures measure the detector, not the model.")
     with tempfile.TemporaryDirectory() as tmp:
-        private = PrivateRedis(Path(tmp) / "redis")
-        connection = redis.Redis.from_url(private.start())
-        try:
+        with PrivateRedis(Path(tmp) / "redis").running() as url:
+            connection = redis.Redis.from_url(url)
             run_corpus(args, connection)
             if not args.skip_perf:
                 report_performance(connection, [int(n) for n in args.perf_sizes.split(",")])
-        finally:
-            private.stop()
 
 
 if __name__ == "__main__":

@@ -17,13 +17,15 @@ reported by :meth:`Dispatcher.health`, which ``/readyz`` and ``/status`` show.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
+import io
 import multiprocessing
 import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,14 +33,17 @@ from typing import TYPE_CHECKING
 import redis
 import structlog
 from pydantic import Field
+from pydicom import dcmread
 
 from dicom_listener.spool import Spool
 from pipeline.convert import ConvertedImage, ConvertOptions, convert_file
+from pipeline.convert.fields import checked_uid
 from pipeline.errors import ConversionError, SkippedError
 from pipeline.jobs import EmbedBatch, ImageItem, items_of, split
 from pipeline.ledger import Ledger, Stage
 from pipeline.lifetime import pool_process_init
 from pipeline.logs import withhold_quoted
+from pipeline.phi import PHI_KEYWORDS
 from pipeline.sections import QueueSettings
 
 if TYPE_CHECKING:
@@ -54,6 +59,8 @@ REPORT_SECONDS = 2.0
 
 Enqueue = Callable[[EmbedBatch], str]
 QueueDepth = Callable[[], int]
+#: Told which instances (study UID, SOP UID) were spooled: pipeline.studies.Studies.arrived.
+Arrived = Callable[[Sequence[tuple[str, str]]], None]
 
 
 @dataclass
@@ -86,8 +93,14 @@ class Dispatcher:
         processes: int,
         log_settings: tuple[str, str] = ("info", "json"),
         report: Callable[[dict[str, object]], None] | None = None,
+        arrived: Arrived | None = None,
+        forget: Callable[[list[str]], int] = lambda _uids: 0,
     ) -> None:
         self.report = report
+        self.arrived = arrived
+        self.forget = forget
+        self._arriving: dict[Path, tuple[str, str | None]] = {}  # path -> (digest, study UID)
+        self._arrivals: list[tuple[str, str]] = []  # read, not yet told (kept over an outage)
         self.spool = spool
         self.ledger = ledger
         self.enqueue = enqueue
@@ -120,7 +133,8 @@ class Dispatcher:
     def backlog(self) -> int:
         """Instances accepted but not yet handed to the queue."""
         pending = sum(len(series.items) for series in list(self._pending.values()))
-        return self.inbox.qsize() + len(self._waiting) + len(self._futures) + pending
+        waiting = len(self._waiting) + len(self._arriving)
+        return self.inbox.qsize() + waiting + len(self._futures) + pending
 
     def health(self) -> dict[str, object]:
         """``ok`` False while the loop keeps failing; the error names the exception type only."""
@@ -154,6 +168,7 @@ class Dispatcher:
                 reported = time.monotonic()
             try:
                 self._take()
+                self._announce()
                 self._fill()
                 self._collect(timeout=0.1)
                 self._flush()
@@ -168,16 +183,53 @@ class Dispatcher:
                 self._stop.wait(1.0)
 
     def _take(self) -> None:
-        """Move what the handlers submitted into the ``spooled`` state, in one round trip."""
-        taken: list[Path] = []
+        """Record what the handlers submitted: ``spooled`` in the ledger with the digest of its
+        bytes, and its arrival in its study (``_announce``).
+
+        A resend whose bytes equal those already embedded or skipped — after retention deleted
+        the first copy — is dropped (identical, so nothing to redo); a resend whose bytes differ
+        is a correction: its stored images are forgotten so it is embedded again, and its
+        arrival opens a new version of its study. Paths wait in ``_arriving`` until this
+        succeeds, so a Redis error loses none of them.
+        """
         while True:
             try:
-                taken.append(self.inbox.get_nowait())
+                path = self.inbox.get_nowait()
             except queue.Empty:
                 break
-        if taken:
-            self._waiting.extend(taken)  # first, so a Redis error cannot lose them
-            self.ledger.spooled(Spool.uid_of(path) for path in taken)
+            self._arriving[path] = read_arrival(path)
+        if not self._arriving:
+            return
+        paths = list(self._arriving)
+        uids = [Spool.uid_of(path) for path in paths]
+        previous = self.ledger.digests(uids)
+        settled = self.ledger.settled(uids)
+        keep: dict[Path, str] = {}
+        corrected: list[str] = []
+        for path, uid, before, done in zip(paths, uids, previous, settled, strict=True):
+            digest, study = self._arriving[path]
+            if before == digest and done:
+                path.unlink(missing_ok=True)
+                self.ledger.count("resends")
+                log.info("store.resend_identical", sop_instance_uid=uid)
+                continue
+            if before is not None and before != digest:
+                corrected.append(uid)
+            keep[path] = uid
+            if study is not None and self.arrived is not None:
+                self._arrivals.append((study, uid))
+        if corrected:
+            forgotten = self.forget(corrected)
+            log.info("instance.corrected", instances=len(corrected), images_forgotten=forgotten)
+        self.ledger.spooled(keep.values(), {uid: self._arriving[p][0] for p, uid in keep.items()})
+        self._waiting.extend(keep)
+        self._arriving.clear()
+
+    def _announce(self) -> None:
+        """Tell the study versions what arrived (after the ledger knows it; retried on error)."""
+        if self._arrivals and self.arrived is not None:
+            self.arrived(self._arrivals)
+            self._arrivals = []
 
     def _fill(self) -> None:
         if self.queue_depth() >= self.limits.max_queued_jobs:
@@ -272,3 +324,19 @@ class Dispatcher:
             images=len(batch.items),
             png_bytes=batch.png_bytes,
         )
+
+
+def read_arrival(path: Path) -> tuple[str, str | None]:
+    """(digest of the spooled bytes, Study Instance UID if conversion would accept it) — an
+    instance without one is quarantined by conversion and belongs to no study version."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "", None  # gone (a resend settled it): conversion reports it
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    try:
+        tags = ["StudyInstanceUID", *PHI_KEYWORDS]  # the UID is checked as conversion checks it
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=tags, force=True)
+        return digest, checked_uid(ds, "StudyInstanceUID", "Study Instance UID")
+    except Exception:  # unreadable or unsafe: conversion quarantines it and says why
+        return digest, None

@@ -41,6 +41,22 @@ from pipeline.uids import is_valid_uid, loggable, unsafe_reason
 
 log = structlog.get_logger(__name__)
 
+#: A-ASSOCIATE-RJ (source, reason/diag.) as the reasons /status shows (PS3.8 9.3.4).
+REJECT_REASONS = {
+    (0x01, 0x01): "no reason given",
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not allowed",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x01): "no reason given",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "local limit exceeded",
+}
+
+#: A-ASSOCIATE-RJ when every association slot is held: rejected-transient (senders retry),
+#: DICOM UL service-provider (presentation related), local-limit-exceeded.
+LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+
 #: A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2) other than acceptance.
 CONTEXT_RESULTS = {
     0x01: "user rejection",
@@ -56,10 +72,22 @@ class BackPressure(Protocol):
     def refuse_reason(self) -> str | None: ...
 
 
+class Slots(Protocol):
+    """Association slots, held from an accepted request to the end of the association
+    (:class:`dicom_listener.door.Doorman`)."""
+
+    max_associations: int
+
+    def claim(self, assoc: Association) -> tuple[bool, int]: ...
+
+
 def _peer(assoc: Association) -> dict[str, str]:
-    """The requestor's AE title and address, as keyword arguments for logs and events."""
+    """The requestor's AE title (from its request, once there is one) and address, as keyword
+    arguments for logs and events."""
     requestor = assoc.requestor
-    return {"calling_ae": printable(requestor.ae_title, 16), "address": str(requestor.address)}
+    request = requestor.primitive
+    calling = request.calling_ae_title if request is not None else requestor.ae_title
+    return {"calling_ae": printable(calling, 16), "address": str(requestor.address)}
 
 
 def _event(
@@ -96,19 +124,25 @@ def handle_store(
     try:
         _check_command(sop_uid, sop_class)
         bound = log.bind(sop_instance_uid=sop_uid, calling_ae=peer["calling_ae"])
-        if spool.contains(sop_uid):
-            bound.info("store.duplicate")  # idempotent: same UID, already durable, not redone
+        existing = spool.contains(sop_uid)
+        data = event.encoded_dataset() if existing else b""
+        if existing and spool.holds(sop_uid, data):
+            bound.info("store.duplicate")  # idempotent: the same bytes, already durable
             return StoreStatus.SUCCESS
         reason = gate.refuse_reason()
         if reason:
             raise OutOfResources(reason)
         _check_data_set(request, event.context.transfer_syntax, sop_uid, sop_class)
         _note_nonconformant(sop_uid, sop_class, peer, intake)
-        data = event.encoded_dataset()
-        path = spool.write(sop_uid, data)
+        data = data or event.encoded_dataset()
+        # Different bytes under a spooled UID: a correction replaces the first copy (and opens a
+        # new version of its study, docs/architecture.md §11).
+        path = spool.write(sop_uid, data, replace=existing)
         if path is None:
             bound.info("store.duplicate")  # the same instance won the race on another association
             return StoreStatus.SUCCESS
+        if existing:
+            bound.info("store.correction")
         if spool.release(sop_uid):
             bound.info("store.supersedes_quarantined")
         submit(path)
@@ -184,19 +218,59 @@ def handle_accepted(event: Event, intake: IntakeLog) -> None:
         intake.record(_event(Kind.CONTEXT_REJECTED, reason, peer, sop_class_uid=abstract))
 
 
-def rejection_reason(assoc: Association) -> str:
-    """Why pynetdicom rejected this association request (it does not say), by its own checks."""
+def refused_by_title(assoc: Association) -> bool:
+    """Whether pynetdicom's negotiation will reject this request for its AE titles (its checks,
+    acse.py): such a request never holds an association slot."""
     ae = assoc.ae
     request = _request(assoc)
-    if ae.require_called_aet and request.called_ae_title != assoc.acceptor.ae_title.strip():
-        return "called AE title not recognised"
-    if ae.require_calling_aet and request.calling_ae_title not in ae.require_calling_aet:
-        return "calling AE title not allowed"
-    return "too many associations, or the request was not acceptable"
+    calling_allowed = [title.strip() for title in ae.require_calling_aet]
+    if calling_allowed and request.calling_ae_title not in calling_allowed:
+        return True
+    return bool(ae.require_called_aet) and (
+        request.called_ae_title != assoc.acceptor.ae_title.strip()
+    )
+
+
+def handle_requested(event: Event, slots: Slots, intake: IntakeLog) -> None:
+    """EVT_REQUESTED: the A-ASSOCIATE-RQ arrived. From now on the socket waits as long as an
+    association's reads may (pynetdicom's network timeout) instead of the short pre-request bound;
+    the association takes a slot, or is rejected "local limit exceeded" when all are held.
+    Only requests that get this far hold slots, so idle connections never shut senders out."""
+    assoc = event.assoc
+    transport = assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        transport.socket.settimeout(assoc.network_timeout)
+    if refused_by_title(assoc):
+        return  # pynetdicom rejects it next, with its reason (handle_rejected)
+    taken, held = slots.claim(assoc)
+    if taken:
+        return
+    assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
+    peer = _peer(assoc)
+    reason = REJECT_REASONS[LOCAL_LIMIT_EXCEEDED[1:]]
+    log.warning(
+        "association.rejected",
+        reason=reason,
+        associations=held,
+        limit=slots.max_associations,
+        **peer,
+    )
+    intake.record(_event(Kind.ASSOCIATION_REJECTED, reason, peer))
+    assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out first
+
+
+def rejection_reason(assoc: Association) -> str:
+    """Why pynetdicom rejected this association request: the A-ASSOCIATE-RJ it sent says."""
+    answer = assoc.acceptor.primitive
+    if answer is None:
+        return "no reason given"
+    key = (answer.result_source, answer.diagnostic)
+    return REJECT_REASONS.get(key, f"source {key[0]}, reason {key[1]}")  # type: ignore[arg-type]
 
 
 def handle_rejected(event: Event, intake: IntakeLog) -> None:
-    """EVT_REJECTED: an association refused before it began."""
+    """EVT_REJECTED: an association refused before it began; logged with the calling AE title,
+    the called one and the peer's address."""
     peer = _peer(event.assoc)
     reason = rejection_reason(event.assoc)
     called = printable(_request(event.assoc).called_ae_title, 16)
@@ -209,12 +283,27 @@ def handle_released(event: Event) -> None:
     log.info("association.closed", how=event.event.name, **_peer(event.assoc))
 
 
-def handle_conn_close(event: Event, intake: IntakeLog) -> None:
-    """EVT_CONN_CLOSE: a connection that never delivered a decodable association request (an AE
-    title that is not ASCII, garbage, or nothing before the ACSE timeout) was turned away by
-    pynetdicom's DUL with an A-ABORT, as PS3.8 prescribes for an invalid PDU: count it."""
-    if event.assoc.requestor.primitive is None:
-        peer = _peer(event.assoc)
-        reason = "no decodable association request"
-        log.warning("association.rejected", reason=reason, **peer)
-        intake.record(_event(Kind.ASSOCIATION_REJECTED, reason, peer))
+def handle_conn_close(event: Event) -> None:
+    """EVT_CONN_CLOSE: a connection closed before its association request (the peer hung up, or
+    pynetdicom's DUL closed it after answering an invalid PDU with an A-ABORT, as PS3.8
+    prescribes) ends its wait for a request now, not at the timeout; the door then records it."""
+    assoc = event.assoc
+    if assoc.is_acceptor and assoc.requestor.primitive is None:
+        end_request_wait(assoc)
+
+
+def end_request_wait(assoc: Association) -> None:
+    """Wake an acceptor still waiting for its A-ASSOCIATE-RQ with what the wait returns on its
+    timeout (None). Not when a request is queued: the DUL queues it before the close event."""
+    queue = assoc.dul.to_user_queue
+    if queue.empty():
+        queue.put(None)  # type: ignore[arg-type]
+
+
+def refuse_connection(intake: IntakeLog, reason: str, address: str, **counts: int) -> None:
+    """A connection closed before any association request was accepted or rejected: over its
+    peer's connection limit, a failed TLS handshake, or no decodable request in time (an AE
+    title that is not ASCII, garbage, nothing, or a hang-up). Logged with its counts, and
+    counted."""
+    log.warning("connection.refused", reason=reason, address=address, **counts)
+    intake.record(IntakeEvent(Kind.ASSOCIATION_REJECTED, reason, address=printable(address)))

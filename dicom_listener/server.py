@@ -1,24 +1,29 @@
-"""Wiring for the listener host: spool, dispatcher, reconciliation and the pynetdicom SCP."""
+"""Wiring for the listener host: spool, dispatcher, reconciliation and the pynetdicom SCP, on
+``listener.port`` and, with TLS, also on ``listener.tls_port`` (one AE, one set of handlers, the
+door of :mod:`.door` on each)."""
 
 from __future__ import annotations
 
+import ssl
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 import structlog
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from rq import Queue
 
 from dicom_listener.dispatcher import Dispatcher, DispatchLimits
+from dicom_listener.door import Doorman, DoorServer, tls_context
 from dicom_listener.handlers import (
     handle_accepted,
     handle_conn_close,
     handle_echo,
     handle_rejected,
     handle_released,
+    handle_requested,
     handle_store,
 )
 from dicom_listener.reconcile import reconcile
@@ -30,6 +35,8 @@ from pipeline.intake import IntakeLog
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, enqueue_batch
 from pipeline.ledger import Ledger
 from pipeline.settings import Settings
+from pipeline.store import EmbeddingStore
+from pipeline.studies import Studies
 
 log = structlog.get_logger(__name__)
 
@@ -65,11 +72,20 @@ class Gate:
         return None
 
 
+#: pynetdicom's own limit counts connections, idle ones included, when a request arrives; the
+#: Doorman counts associations instead, so pynetdicom's is set out of reach.
+_PYNETDICOM_LIMIT_OFF = 2**31 - 1
+
+
 def build_ae(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.listener.ae_title)
-    ae.maximum_associations = settings.listener.max_associations
-    ae.require_calling_aet = list(settings.listener.allowed_calling_aets)
-    ae.require_called_aet = settings.listener.require_called_aet
+    lsn = settings.listener
+    ae = AE(ae_title=lsn.ae_title)
+    ae.maximum_associations = _PYNETDICOM_LIMIT_OFF
+    # The wait for the A-ASSOCIATE-RQ and the ARTIM timer. pynetdicom uses it also for an
+    # A-RELEASE-RP to a release we request (never, as an SCP) and as a requestor (never).
+    ae.acse_timeout = lsn.association_request_timeout_seconds
+    ae.require_calling_aet = list(lsn.allowed_calling_aets)
+    ae.require_called_aet = lsn.require_called_aet
     for sop_class in storage_sop_classes():
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
@@ -95,7 +111,9 @@ class Listener:
             limits=DispatchLimits.from_settings(settings),
             processes=settings.convert.processes,
             log_settings=(settings.log.level, settings.log.format),
-            report=lambda report: health.publish(connection, "dispatcher", report),
+            report=lambda report: health.publish(connection, health.DISPATCHER, report),
+            arrived=Studies(connection, settings.study).arrived,
+            forget=EmbeddingStore(connection, self.ledger).forget,
         )
         self.gate = Gate(
             self.spool,
@@ -103,7 +121,7 @@ class Listener:
             settings.listener.min_free_disk_mb * 1024 * 1024,
             settings.listener.max_backlog,
         )
-        self.server: ThreadedAssociationServer | None = None
+        self.servers: list[DoorServer] = []
 
     def _enqueue(self, batch: EmbedBatch) -> str:
         qs = self.settings.queue
@@ -115,28 +133,51 @@ class Listener:
         self.dispatcher.submit(path)
 
     def start(self) -> None:
+        lsn = self.settings.listener
+        ports: list[tuple[int, ssl.SSLContext | None]] = [(lsn.port, None)]
+        if lsn.tls_port is not None:
+            ports.append((lsn.tls_port, tls_context(lsn)))  # unusable files: fail before anything
         reconcile(self.spool, self.ledger, self.connection, self._submit)
         self.dispatcher.start()
-        lsn = self.settings.listener
+        doorman = Doorman(lsn)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.spool, self.gate, self._submit, self.intake]),
             (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_REQUESTED, handle_requested, [doorman, self.intake]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.intake]),
             (evt.EVT_REJECTED, handle_rejected, [self.intake]),
             (evt.EVT_RELEASED, handle_released),
             (evt.EVT_ABORTED, handle_released),
-            (evt.EVT_CONN_CLOSE, handle_conn_close, [self.intake]),
+            (evt.EVT_CONN_CLOSE, handle_conn_close),
         ]
         if lsn.accept_unknown_sop_classes:
             handlers.append((evt.EVT_REQUESTED, accept_unknown, [TRANSFER_SYNTAXES]))
-        self.server = build_ae(self.settings).start_server(
-            (lsn.host, lsn.port), block=False, evt_handlers=handlers
+        ae = build_ae(self.settings)
+        for port, ssl_context in ports:
+            server = ae.make_server(
+                (lsn.host, port),
+                ssl_context=ssl_context,
+                evt_handlers=handlers,
+                server_class=DoorServer,
+                doorman=doorman,
+                intake=self.intake,
+                request_timeout=lsn.association_request_timeout_seconds,
+            )
+            self.servers.append(cast(DoorServer, server))
+            threading.Thread(
+                target=server.serve_forever, name=f"DicomListener@{port}", daemon=True
+            ).start()
+        log.info(
+            "listener.started",
+            ae_title=lsn.ae_title,
+            host=lsn.host,
+            port=lsn.port,
+            tls_port=lsn.tls_port,
+            client_certificates=lsn.tls_ca_file is not None,
         )
-        log.info("listener.started", ae_title=lsn.ae_title, host=lsn.host, port=lsn.port)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        while self.servers:
+            self.servers.pop().shutdown()
         self.dispatcher.stop()
         log.info("listener.stopped")

@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pydicom import Dataset, dcmread
+
 from pipeline.errors import SpoolError
 from pipeline.uids import file_stem, from_file_stem
 
@@ -85,14 +87,29 @@ class Spool:
         """The SOP Instance UID a spool or quarantine file is named after."""
         return from_file_stem(path.name.removesuffix(SUFFIX))
 
+    def header(self, sop_uid: str) -> Dataset | None:
+        """The spooled instance's data set without its pixel data; None once it was deleted."""
+        try:
+            return dcmread(self.path_for(sop_uid), stop_before_pixels=True, force=True)
+        except FileNotFoundError:
+            return None
+
     def contains(self, sop_uid: str) -> bool:
         return self.path_for(sop_uid).is_file()
 
-    def write(self, sop_uid: str, data: bytes) -> Path | None:
+    def holds(self, sop_uid: str, data: bytes) -> bool:
+        """Whether the spooled copy of ``sop_uid`` is exactly ``data`` (a byte-identical resend)."""
+        try:
+            return self.path_for(sop_uid).read_bytes() == data
+        except FileNotFoundError:
+            return False
+
+    def write(self, sop_uid: str, data: bytes, *, replace: bool = False) -> Path | None:
         """Durably store ``data``: temp file, fsync, link into place, fsync the directory.
 
         Returns the path, or None when the instance was already spooled (a resend, or the same
         instance arriving on another association at the same moment): the first copy stands.
+        With ``replace`` (a correction), the new bytes replace the spooled copy atomically.
         """
         final = self.path_for(sop_uid)
         try:
@@ -102,7 +119,9 @@ class Spool:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-                if not _link_or_replace(tmp_name, final):
+                if replace:
+                    os.replace(tmp_name, final)
+                elif not _link_or_replace(tmp_name, final):
                     return None
             finally:
                 Path(tmp_name).unlink(missing_ok=True)
@@ -162,6 +181,22 @@ class Spool:
         if removed:
             _fsync_dir(self.quarantine_root)
         return removed
+
+    def purge_quarantine(self, older_than_seconds: float = 0.0) -> int:
+        """Delete quarantined instances (and their notes) quarantined at least this long ago;
+        returns how many. Only an operator does this (``pacs-embed purge``)."""
+        cutoff = time.time() - older_than_seconds
+        purged = 0
+        for copy in sorted(self.quarantine_root.glob(f"*{SUFFIX}")):
+            note = copy.with_suffix(".json")
+            if (note if note.exists() else copy).stat().st_mtime > cutoff:
+                continue
+            copy.unlink(missing_ok=True)
+            note.unlink(missing_ok=True)
+            purged += 1
+        if purged:
+            _fsync_dir(self.quarantine_root)
+        return purged
 
     def quarantined(self) -> int:
         return sum(1 for _ in self.quarantine_root.glob(f"*{SUFFIX}"))

@@ -1,4 +1,5 @@
-"""The emulator's request handler: key, cold start, capacity, faults, latency, then the model.
+"""The emulator's request handler: key, cold start, outage, capacity, faults, latency, then the
+model.
 
 NOT A MEDICAL MODEL: the answers come from ``emulator.model``. See ``emulator.server`` for the
 routes and headers, and ``emulator.faults`` for what can go wrong on purpose.
@@ -79,7 +80,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"message": f"no such path: {self.path[:100]}"})
 
     def do_POST(self) -> None:
-        if self.path.split("?", 1)[0] != "/score":
+        path = self.path.split("?", 1)[0]
+        if path not in ("/score", "/outage"):
             self._discard_body()
             self._send_json(404, {"message": f"no such path: {self.path[:100]}"})
             return
@@ -90,6 +92,9 @@ class Handler(BaseHTTPRequestHandler):
         if key is not None and not self._authorised(key):
             message = {"message": "missing or invalid key: send Authorization: Bearer <key>"}
             reply: _Reply | None = _json_reply(401, message, {"WWW-Authenticate": "Bearer"})
+        elif path == "/outage":  # a control, not an answer to count
+            self._send(self._outage(body))
+            return
         else:
             reply = self._score(body)
         if reply is None:
@@ -106,6 +111,9 @@ class Handler(BaseHTTPRequestHandler):
         if server.cold():
             server.stats.fault("cold_start")
             return self._error(503, "model is starting (cold start); retry later")
+        if server.down():  # a deployment that is down says nothing about when to come back
+            server.stats.fault("outage")
+            return _json_reply(503, {"message": "injected outage: no healthy upstream"})
         if not server.stats.enter(plan.capacity):
             return self._error(
                 429, f"too many requests in flight (capacity {plan.capacity}); retry later"
@@ -130,6 +138,18 @@ class Handler(BaseHTTPRequestHandler):
             return reply
         finally:
             server.stats.leave()
+
+    def _outage(self, body: bytes) -> _Reply:
+        """``POST /outage {"seconds": s}``: /score answers 503 for the next ``s`` seconds."""
+        try:
+            seconds = float(json.loads(body)["seconds"])
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            return _json_reply(400, {"message": 'body must be {"seconds": <number>}'})
+        if not 0.0 <= seconds <= 86400.0:
+            return _json_reply(400, {"message": "seconds must be between 0 and 86400"})
+        self.server.outage_until = time.monotonic() + seconds
+        log.warning("emulator.outage", seconds=seconds)
+        return _json_reply(200, {"outage_seconds": seconds})
 
     def _fault(self, fault: str) -> _Reply | None:
         if fault not in FAULTS:

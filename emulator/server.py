@@ -8,6 +8,8 @@ that pacs-embed can run and be tested without Azure. Every response says so in t
                    ``Authorization: Bearer <key>`` if a key is set
     GET  /healthz  200 while serving (also during a cold start, as a liveness probe)
     GET  /stats    what was answered, and the most requests ever in flight (``faults.Stats``)
+    POST /outage   ``{"seconds": s}``: every /score answers 503 (no Retry-After) for the next s
+                   seconds, as a deployment that is down does (same key as /score); 0 ends it
 
 Answers in the list-of-rows shape real deployments use (``response_shape="rows"``) or the
 documentation's object of lists (``"columns"``). The server is configured by its ``[emulator]``
@@ -15,7 +17,8 @@ settings section as is (``EmulatorSettings``, a ``FaultPlan``: see ``emulator.fa
 come from that plan or, for one request, from headers: ``x-emulator-fault: 408|413|424|429|500|
 503|hang|malformed``, ``x-emulator-retry-after: <s>`` (``Retry-After`` on a forced 429/503) and
 ``x-emulator-latency-ms: <ms>`` (replaces the plan's fixed latency). A request is checked in
-this order: key (401), cold start (503), capacity (429), fault, latency, then scored.
+this order: key (401), cold start (503), outage (503), capacity (429), fault, latency, then
+scored.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class _HTTPServer(ThreadingHTTPServer):
         self.stats = Stats()
         self.stopping = threading.Event()
         self.started = time.monotonic()
+        self.outage_until = 0.0  # monotonic time an outage asked by POST /outage ends
         self._rng = random.Random(config.seed)
         self._rng_lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -62,6 +66,10 @@ class _HTTPServer(ThreadingHTTPServer):
     def cold(self) -> bool:
         """Whether the configured cold start is still going on."""
         return time.monotonic() - self.started < self.config.cold_start_seconds
+
+    def down(self) -> bool:
+        """Whether an outage asked by ``POST /outage`` is going on."""
+        return time.monotonic() < self.outage_until
 
     def draw(self) -> str | None:
         """This request's random fault from the plan, if any."""

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="an embed worker")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     sub.add_parser("admin", help="the admin HTTP endpoint")
+    sub.add_parser("push", help="study completion, result pushes and spool retention")
     sub.add_parser("emulator", help="the local endpoint (NOT a medical model)")
     sub.add_parser("status", help="print the /status document")
     convert = sub.add_parser("convert", help="one DICOM file -> PNG, the daemon's code path")
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     emb_sub = embeddings.add_subparsers(dest="action", required=True)
     export = emb_sub.add_parser("export", help="everything stored, as .npz")
     export.add_argument("--out", type=Path, required=True)
+    requeue = sub.add_parser("requeue", help="push again: dead letters, or a study's results")
+    requeue.add_argument("dead_letters", nargs="*", metavar="ID", help="dead letter ids")
+    requeue.add_argument("--study", action="append", default=[], metavar="UID")
+    purge = sub.add_parser("purge", help="delete quarantined instances")
+    purge.add_argument("--older-than-days", type=float, default=0.0, metavar="N")
     verdict_commands.add_parsers(sub)  # reference import|export|list, search
     return parser
 
@@ -90,12 +96,42 @@ def worker(args: argparse.Namespace, root: Root) -> int:
 
 
 def admin(_args: argparse.Namespace, root: Root) -> int:
-    server = root.admin
-    _interrupt_on_sigterm()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    """Serve in the foreground; SIGTERM or SIGINT stops it gracefully, with exit status 0 (`run`
+    starts this command as its child and stops it with SIGTERM)."""
+    root.admin.serve_forever()
+    return 0
+
+
+def push(_args: argparse.Namespace, root: Root) -> int:
+    root.push()
+    return 0
+
+
+def requeue(args: argparse.Namespace, root: Root) -> int:
+    from pipeline.requeue import NothingToRequeue, requeue_dead_letter, requeue_study
+
+    if not args.dead_letters and not args.study:
+        print("pacs-embed requeue: name dead letter ids or --study UID", file=sys.stderr)
+        return 2
+    missing = 0
+    for name in [*args.dead_letters, *args.study]:
+        try:
+            if name in args.study:
+                job_ids = requeue_study(root.redis, root.studies, root.sinks, name)
+            else:
+                job_ids = [requeue_dead_letter(root.redis, name)]
+        except NothingToRequeue as exc:
+            print(f"pacs-embed requeue: {exc}", file=sys.stderr)
+            missing += 1
+            continue
+        for job_id in job_ids:
+            print(f"requeued {name}: {job_id}")
+    return 1 if missing else 0
+
+
+def purge(args: argparse.Namespace, root: Root) -> int:
+    purged = root.spool.purge_quarantine(args.older_than_days * 86400)
+    print(f"purged {purged} quarantined instances")
     return 0
 
 
@@ -150,6 +186,9 @@ COMMANDS: dict[str, Command] = {
     "listen": listen,
     "worker": worker,
     "admin": admin,
+    "push": push,
+    "requeue": requeue,
+    "purge": purge,
     "emulator": emulator,
     "status": status,
     "convert": convert,

@@ -27,6 +27,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from pacs_embed.secrets import ensure_secret_file
 from pipeline.errors import ConfigError
@@ -36,10 +38,13 @@ from pipeline.ledger import Ledger
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
+    from dicom_listener.retention import Retention
     from dicom_listener.server import Listener
+    from dicom_listener.spool import Spool
     from emulator.server import EmulatorServer
     from pipeline.admin.routes import AdminState
     from pipeline.admin.server import AdminServer
+    from pipeline.deadletters import DeadLetters
     from pipeline.detect.cohort import CohortRule
     from pipeline.detect.detector import Detector
     from pipeline.detect.reference import ReferenceStore
@@ -47,6 +52,8 @@ if TYPE_CHECKING:
     from pipeline.embed.limiter import RedisLimiter
     from pipeline.metrics import FleetCollector
     from pipeline.store import EmbeddingStore
+    from pipeline.studies import Studies
+    from workers.push import PushService
     from workers.service import EmbedService
 
 #: What a process is told on top of its file and environment, as ``Settings.load`` takes it:
@@ -149,6 +156,110 @@ class Root:
 
         run_worker(self.redis, self.embed_service, burst=burst, endpoint=self.settings.endpoint.url)
 
+    # -- study versions and the push service (on the listener host) ----------------------------
+
+    @cached_property
+    def studies(self) -> Studies:
+        from pipeline.studies import Studies
+
+        return Studies(self.redis, self.settings.study)
+
+    @cached_property
+    def dead_letters(self) -> DeadLetters:
+        from pipeline.deadletters import DeadLetters
+
+        return DeadLetters(self.redis)
+
+    @cached_property
+    def spool(self) -> Spool:
+        from dicom_listener.spool import Spool
+
+        return Spool(self.settings.spool_dir, self.settings.quarantine_dir)
+
+    @cached_property
+    def retention(self) -> Retention:
+        from dicom_listener.retention import Retention
+
+        sp = self.settings.spool
+        return Retention(
+            self.spool,
+            self.redis,
+            hours=sp.retention_hours,
+            low_free_bytes=sp.cleanup_free_disk_mb * 1024 * 1024,
+        )
+
+    @property
+    def sinks(self) -> list[str]:
+        """The configured sinks' names, without building them."""
+        from workers.push import DICOM, DICOMWEB, WEBHOOK
+
+        sk = self.settings.sinks
+        named = {DICOM: sk.dicom.host, DICOMWEB: sk.dicomweb.url, WEBHOOK: sk.webhook.url}
+        return [name for name, address in named.items() if address]
+
+    @cached_property
+    def push_service(self) -> PushService:
+        import httpx
+
+        from pipeline.results import Algorithm
+        from pipeline.sinks.dicom import DicomSink
+        from pipeline.sinks.dicomweb import DicomWebSink
+        from pipeline.sinks.webhook import WebhookSink
+        from workers.push import DICOM, DICOMWEB, DatasetSink, PushService
+
+        s = self.settings
+        sinks: dict[str, DatasetSink] = {}
+        if s.sinks.dicom.host:
+            sinks[DICOM] = DicomSink(s.sinks.dicom)
+        if s.sinks.dicomweb.url:
+            sinks[DICOMWEB] = DicomWebSink.from_settings(
+                s.sinks.dicomweb, token=s.dicomweb_token(), password=s.dicomweb_password()
+            )
+        webhook = None
+        if s.sinks.webhook.url:
+            client = self._closing.enter_context(httpx.Client(follow_redirects=False))
+            webhook = WebhookSink.from_settings(s.sinks.webhook, s.webhook_secret() or "", client)
+        return PushService(
+            connection=self.redis,
+            studies=self.studies,
+            dead_letters=self.dead_letters,
+            ledger=self.ledger,
+            store=self.store,
+            read_header=self.spool.header,
+            datasets=sinks,
+            webhook=webhook,
+            algorithm=Algorithm(
+                model_version=s.endpoint.deployment or "unspecified",
+                software_version=software_version(),
+            ),
+            include_vectors=s.sinks.webhook.include_vectors,
+            delivered=self._delivered,
+        )
+
+    def _delivered(self, study: str, version: int) -> None:
+        """A study version reached every sink (or completed, with none): its instances' files
+        may go — unless a newer version opened since, whose instances are still needed."""
+        if self.studies.current_version(study) == version:
+            self.retention.eligible(self.studies.members(study))
+
+    def push(self) -> None:
+        """Serve push jobs and complete study versions in this process (``workers.main``)."""
+        from rq import Queue
+
+        from pipeline.jobs import PUSH_QUEUE
+        from workers.completer import Completer
+        from workers.main import run_pusher
+
+        service = self.push_service
+        completer = Completer(
+            self.studies,
+            Queue(PUSH_QUEUE, connection=self.redis),
+            service.sinks,
+            final=self._delivered,
+            housekeeping=self.retention.clean,
+        )
+        run_pusher(self.redis, service, completer)
+
     # -- servers -------------------------------------------------------------------------------
 
     @cached_property
@@ -207,6 +318,16 @@ class Root:
         return server.EmulatorServer(self.settings.emulator)
 
 
+def software_version() -> str:
+    """pacs-embed's version, as installed (SR equipment module, webhook bodies)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pacs-embed")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def connect(settings: Settings) -> redis.Redis:
     """The configured Redis, else the private one a running `pacs-embed run` announced."""
     url = settings.redis.url
@@ -218,7 +339,13 @@ def connect(settings: Settings) -> redis.Redis:
             "redis.url is not set (PACS_EMBED_REDIS__URL) and no `pacs-embed run` is running "
             f"on state dir {settings.state_dir}"
         )
-    return redis.Redis.from_url(url)
+    # Fail fast while Redis is away (restarting, say): every caller backs off on its own and
+    # /readyz must answer 503 at once, not after redis-py's default retries (about 4 s).
+    return redis.Redis.from_url(url, socket_connect_timeout=2, retry=_FAIL_FAST)
+
+
+#: Two quick retries (50, then 100 ms): enough for a dropped connection, short for an outage.
+_FAIL_FAST = Retry(ExponentialBackoff(cap=0.25, base=0.05), 2)
 
 
 def in_flight_limiter(settings: Settings, connection: redis.Redis) -> RedisLimiter | None:

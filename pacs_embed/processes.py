@@ -8,11 +8,13 @@ die with their parent: Linux's PR_SET_PDEATHSIG, set in the child before exec, s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -57,10 +59,16 @@ class PrivateRedis:
     def __init__(self, directory: Path) -> None:
         self.directory = directory.resolve()
         self.socket = self.directory / "redis.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
+        if len(str(self.socket)) <= MAX_UNIX_SOCKET_PATH:
+            self.url = f"unix://{self.socket}"
+        else:  # a deep state dir: fall back to a loopback port
+            self.url = f"redis://127.0.0.1:{free_port()}/0"
 
-    def start(self, timeout: float = 15.0) -> str:
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start redis-server on our files (replaying its AOF); :meth:`wait` for it to serve.
+
+        Called again by the supervisor after the server died: same files, same address.
+        """
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._kill_stale()
         args = [
@@ -80,20 +88,19 @@ class PrivateRedis:
             "--bind",
             "127.0.0.1",
         ]
-        if len(str(self.socket)) <= MAX_UNIX_SOCKET_PATH:
+        if self.url.startswith("unix://"):
             args += ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
-            self.url = f"unix://{self.socket}"
-        else:  # a deep state dir: fall back to a loopback port
-            port = free_port()
-            args += ["--port", str(port)]
-            self.url = f"redis://127.0.0.1:{port}/0"
-        # preexec_fn is safe here: Redis starts before `run` has any other thread.
-        self.proc = subprocess.Popen(args, process_group=0, preexec_fn=die_with_parent)
-        wait_for_redis(self.url, timeout, self.proc)
+        else:
+            args += ["--port", self.url.rsplit(":", 1)[1].split("/")[0]]
+        # preexec_fn is safe here: `run` has no thread besides the one that spawns.
+        proc = subprocess.Popen(args, process_group=0, preexec_fn=die_with_parent)
+        log.info("redis.started", url=self.url, pid=proc.pid)
+        return proc
+
+    def wait(self, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+        wait_for_redis(self.url, timeout, proc)
         # So `pacs-embed status` / `embeddings export` find this Redis with no configuration.
         (self.directory / "url").write_text(self.url + "\n")
-        log.info("redis.started", url=self.url, pid=self.proc.pid)
-        return self.url
 
     def _kill_stale(self) -> None:
         """A redis left by a killed `run` (on a non-Linux host) would hold our files."""
@@ -109,11 +116,20 @@ class PrivateRedis:
             while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
 
-    def stop(self) -> None:
+    @contextlib.contextmanager
+    def running(self) -> Iterator[str]:
+        """Started, serving and stopped around a ``with`` block (benches); yields its URL."""
+        proc = self.spawn()
+        try:
+            self.wait(proc)
+            yield self.url
+        finally:
+            stop(proc)
+            self.forget()
+
+    def forget(self) -> None:
+        """After the server stopped: `pacs-embed status` must not find it any more."""
         (self.directory / "url").unlink(missing_ok=True)
-        if self.proc is not None:
-            stop(self.proc)  # SIGTERM: redis flushes its AOF and exits
-            self.proc = None
 
 
 def wait_for_redis(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -1,53 +1,49 @@
-"""`pacs-embed run`: the whole daemon on one machine, in the foreground.
+"""`pacs-embed run`: the whole daemon on one machine, in the foreground, supervised.
 
-Starts what is not configured — a private Redis under the state dir, the local endpoint
-(emulator) — then the embed workers as child processes, and the listener and admin endpoint in
-this process. Ctrl-C (or SIGTERM) stops everything it started, in reverse order.
+Every part is its own child process — a private Redis under the state dir and the local endpoint
+(emulator) when none is configured, then the listener, the admin endpoint, the push service
+(study completion, result pushes, spool retention) and the embed workers —
+so a crash of one never takes another with it, and each is restarted when it dies
+(``pacs_embed.supervisor``): Redis from its append-only file, the listener after reconciling the
+spool, a worker after its job was handed back to the queue. Ctrl-C (or SIGTERM) stops everything
+in reverse order. (docs/architecture.md §2.)
 """
 
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 import structlog
+from rq import Queue
 
-from pacs_embed.compose import Root, child_env, emulator_base_url, local_emulator
-from pacs_embed.processes import PrivateRedis, spawn_self, stop
+from pacs_embed.compose import child_env, emulator_base_url, local_emulator
+from pacs_embed.processes import PrivateRedis, spawn_self
 from pacs_embed.secrets import ensure_secret_file
+from pacs_embed.supervisor import Child, Process, Supervisor
+from pipeline.health import PUSHER, WORKER
+from pipeline.jobs import EMBED_QUEUE, PUSH_QUEUE
 from pipeline.keys import INFLIGHT_PATTERN
 from pipeline.settings import Settings
+from workers.janitor import name_of, reap
 
 log = structlog.get_logger(__name__)
 
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - our own URL
-                if response.status == 200:
-                    return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{url}: process exited with {proc.returncode}") from None
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+#: How long a first start may take before `run` gives up (the listener reconciles the spool).
+START_TIMEOUT_SECONDS = 120.0
 
 
 def run(settings: Settings, config: Path | None) -> int:
     """``settings``: as loaded from ``config`` and the environment, before anything started.
 
-    What `run` starts is recorded once, as overrides: this process's settings are
-    ``Settings.load(config, **overrides)`` and its children get the same overrides as env vars
-    (``child_env``), so both read the same values the same way.
+    What `run` starts is recorded once, as overrides: its children get them as env vars
+    (``child_env``), so every process reads the same values the same way.
     """
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     config_args = ["--config", str(config)] if config else []
@@ -56,77 +52,129 @@ def run(settings: Settings, config: Path | None) -> int:
         signal.signal(signum, lambda *_: stopping.set())
 
     overrides: dict[str, Any] = {"state_dir": settings.state_dir}
-    private_redis = connection = None
-    children: list[subprocess.Popen[bytes]] = []
-    root = None
-    listener = admin = None
-    try:
-        if settings.redis.url is None:
-            private_redis = PrivateRedis(settings.state_dir / "redis")
-            overrides["redis"] = {"url": private_redis.start()}
-            connection = redis.Redis.from_url(overrides["redis"]["url"])
-            _drop_stale_leases(connection)
-        if settings.endpoint.url is None:
-            overrides.update(local_emulator(settings))
-            if "emulator" in overrides:  # no emulator key set: generate one
-                ensure_secret_file(overrides["emulator"]["key_file"])
-            emulator = spawn_self([*config_args, "emulator"], child_env(overrides))
-            children.append(emulator)
-            _wait_http(f"{emulator_base_url(settings)}/healthz", emulator)
-            log.info("labels.disabled", reason="the local emulator is not a vision-language model")
-        settings = Settings.load(config, **overrides)
-        env = child_env(overrides)
-        workers = [spawn_self([*config_args, "worker"], env) for _ in range(settings.workers.count)]
-        children.extend(workers)
+    children: list[Child] = []
+    private_redis = None
+    if settings.redis.url is None:
+        private_redis = PrivateRedis(settings.state_dir / "redis")
+        children.append(Child("redis", private_redis.spawn, _redis_ready(private_redis)))
+        overrides["redis"] = {"url": private_redis.url}
+    if settings.endpoint.url is None:
+        overrides.update(local_emulator(settings))
+        if "emulator" in overrides:  # no emulator key set: generate one
+            ensure_secret_file(overrides["emulator"]["key_file"])
+    env = child_env(overrides)
 
-        root = Root(settings, connection)  # connection None: the configured Redis
-        listener = root.listener
-        listener.start()
-        admin = root.admin
-        admin.start_in_thread()
+    def role(command: str) -> Callable[[], Process]:
+        return lambda: spawn_self([*config_args, command], env)
+
+    if settings.endpoint.url is None:
+        health = f"{emulator_base_url(settings)}/healthz"
+        children.append(Child("emulator", role("emulator"), lambda p: _wait_http(health, p)))
+        log.info("labels.disabled", reason="the local emulator is not a vision-language model")
+    settings = Settings.load(config, **overrides)
+    connection = redis.Redis.from_url(settings.redis.url) if settings.redis.url else None
+    lsn, adm = settings.listener, settings.admin
+    children.append(
+        Child("listener", role("listen"), lambda p: _wait(lambda: _listening(lsn.port), p, "DICOM"))
+    )
+    admin_url = f"http://{_local(adm.host)}:{adm.port}/healthz"
+    children.append(Child("admin", role("admin"), lambda p: _wait_http(admin_url, p)))
+    children.append(Child("push", role("push"), on_exit=_requeuer(connection, PUSH_QUEUE, PUSHER)))
+    for i in range(settings.workers.count):
+        on_exit = _requeuer(connection, EMBED_QUEUE, WORKER)
+        children.append(Child(f"worker-{i + 1}", role("worker"), on_exit=on_exit))
+
+    supervisor = Supervisor(children)
+    try:
+        supervisor.start()
         log.info(
             "run.ready",
-            dicom_port=settings.listener.port,
-            admin_port=settings.admin.port,
-            workers=len(workers),
+            dicom_port=lsn.port,
+            admin_port=adm.port,
+            workers=settings.workers.count,
             state_dir=str(settings.state_dir),
         )
-        return _supervise(stopping, children, workers, config_args, env)
+        supervisor.watch(stopping)
+        return 0
     finally:
         log.info("run.stopping")
-        if listener is not None:
-            listener.stop()
-        if admin is not None:
-            admin.shutdown()
-        if root is not None:
-            root.close()
-        for child in reversed(children):
-            stop(child)
+        supervisor.stop()
         if private_redis is not None:
-            private_redis.stop()
+            private_redis.forget()
         log.info("run.stopped")
 
 
-def _supervise(
-    stopping: threading.Event,
-    children: list[subprocess.Popen[bytes]],
-    workers: list[subprocess.Popen[bytes]],
-    config_args: list[str],
-    env: dict[str, str],
-) -> int:
-    """Restart a dead worker (after a pause); anything else dying stops the daemon."""
-    while not stopping.wait(0.5):
-        for i, worker in enumerate(workers):
-            if worker.poll() is not None:
-                log.error("worker.exited", pid=worker.pid, returncode=worker.returncode)
-                time.sleep(1.0)
-                workers[i] = spawn_self([*config_args, "worker"], env)
-                children[children.index(worker)] = workers[i]
-        for child in children:
-            if child not in workers and child.poll() is not None:
-                log.error("child.exited", pid=child.pid, returncode=child.returncode)
-                return 1
-    return 0
+def _requeuer(
+    connection: redis.Redis | None, queue_name: str, component: str
+) -> Callable[[Process], None]:
+    """What `run` does the moment a worker dies: hand its job back to the queue and free its
+    endpoint slot, without waiting for its report to lapse (``workers.janitor``)."""
+
+    def requeue(proc: Process) -> None:
+        if connection is None:
+            return
+        dead = name_of(proc.pid)
+        queue = Queue(queue_name, connection=connection)
+        try:
+            n = reap(connection, queue, dead=dead.__eq__, component=component)
+        except redis.RedisError as exc:  # Redis away too: the janitors will do it later
+            log.warning("run.requeue_failed", worker=dead, error=type(exc).__name__)
+            return
+        log.info("run.worker_jobs_requeued", worker=dead, queue=queue_name, jobs=n)
+
+    return requeue
+
+
+def _local(host: str) -> str:
+    """Where to reach a server bound to ``host`` from this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - a bind, not a listen
+
+
+def _wait(ok: Callable[[], bool], proc: Process, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while not ok():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not serving after {START_TIMEOUT_SECONDS:.0f} s")
+        time.sleep(0.05)
+
+
+def _wait_http(url: str, proc: Process) -> None:
+    def ok() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - our own URL
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    _wait(ok, proc, url)
+
+
+def _listening(port: int) -> bool:
+    """Whether a socket on this host listens on TCP ``port``, seen in /proc/net without
+    connecting (a probe connection would show up as a rejected association)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def _redis_ready(private: PrivateRedis) -> Callable[[Process], None]:
+    """Wait for the private Redis, and (at the first start only) drop the leases that a killed
+    `run` left in it."""
+
+    def ready(proc: Process) -> None:
+        private.wait(proc)
+        _drop_stale_leases(redis.Redis.from_url(private.url))
+
+    return ready
 
 
 def _drop_stale_leases(connection: redis.Redis) -> None:

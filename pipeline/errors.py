@@ -11,16 +11,22 @@ embed job, the CLI) maps it in one place: to a DICOM status, to "retry" or to "q
     │   ├── NoPixelDataError         SR, KOS, presentation state...: nothing to embed
     │   ├── NotEmbeddedError         not an image by Modality or SOP Class (SEG, RT Dose...)
     │   └── NotSampledError          left out by the modality's series sampling policy
-    └── EndpointError                the MedImageInsight endpoint did not give us embeddings
-        ├── TransientEndpointError   408/429/5xx, timeouts, refused connections, a 2xx body
-        │   │                        cut short, no in-flight slot before the deadline: retry later
-        │   └── EndpointAuthError    401/403: our credentials, not the images, are at fault; not
-        │                            retried within the call, but the job retries later
-        └── PermanentEndpointError   other 4xx, model errors (424), answers off-contract: quarantine
-            └── ResponseFormatError  the answer does not fit the contract (shape, count, NaN)
+    ├── EndpointError                the MedImageInsight endpoint did not give us embeddings
+    │   ├── TransientEndpointError   408/429/5xx, timeouts, refused connections, a 2xx body
+    │   │   │                        cut short, no in-flight slot before the deadline: retry later
+    │   │   └── EndpointAuthError    401/403: our credentials, not the images, are at fault; not
+    │   │                            retried within the call, but the job retries later
+    │   └── PermanentEndpointError   other 4xx, model errors (424), answers off-contract: quarantine
+    │       └── ResponseFormatError  the answer does not fit the contract (shape, count, NaN)
+    └── PushError                    a sink (pipeline/sinks) did not take a result
+        ├── TransientPushError       refused/aborted association, 0xA7xx, 408/429/5xx, timeouts,
+        │                            refused connections: retry with back-off
+        └── PermanentPushError       0xA9xx/0xCxxx, other 4xx, a failed STOW instance: dead letter
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 class PacsEmbedError(Exception):
@@ -102,3 +108,35 @@ class PermanentEndpointError(EndpointError):
 
 class ResponseFormatError(PermanentEndpointError):
     """The answer breaks the contract: a short or malformed answer is an error, not a shift."""
+
+
+class PushError(PacsEmbedError):
+    """A sink did not take what was pushed to it; the caller retries or dead-letters.
+
+    The message is the reason an operator reads in the dead letter: statuses, UIDs and counts,
+    never a value from a data set or a response body that could quote one. ``status`` is the
+    HTTP or DIMSE status when the peer answered; ``retry_after`` the peer's hint in seconds;
+    ``failures`` maps each refused SOP Instance UID to its status (DIMSE or STOW failure reason).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        failures: Mapping[str, int] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.failures: Mapping[str, int] = dict(failures or {})
+
+
+class TransientPushError(PushError):
+    """Worth retrying with back-off: the peer is busy, down, unreachable or out of resources, or
+    refused our association (a configuration the operator can fix without touching the data)."""
+
+
+class PermanentPushError(PushError):
+    """Sending the same thing again will not help: dead-letter it with the message as reason."""

@@ -19,6 +19,12 @@ from pipeline.keys import health_key, text
 
 log = structlog.get_logger(__name__)
 
+#: The components that report: each listener's dispatcher loop, each embed worker and each push
+#: worker (their janitors).
+DISPATCHER = "dispatcher"
+WORKER = "worker"
+PUSHER = "pusher"
+
 #: How long a report stands without being renewed: a few publish intervals.
 TTL_SECONDS = 15
 
@@ -27,12 +33,20 @@ def process_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def publish(connection: redis.Redis, component: str, report: dict[str, Any]) -> None:
-    """Renew this process's report; a Redis outage is only logged (it shows as no report)."""
+def publish(
+    connection: redis.Redis, component: str, report: dict[str, Any], ttl: int = TTL_SECONDS
+) -> None:
+    """Renew this process's report for ``ttl`` seconds; a Redis outage is only logged (it shows
+    as no report)."""
     try:
-        connection.set(health_key(component, process_name()), json.dumps(report), ex=TTL_SECONDS)
+        connection.set(health_key(component, process_name()), json.dumps(report), ex=ttl)
     except redis.RedisError as exc:
         log.debug("health.unpublished", component=component, error=type(exc).__name__)
+
+
+def forget(connection: redis.Redis, component: str, name: str) -> None:
+    """Withdraw process ``name``'s report (it stopped, or was found dead)."""
+    connection.delete(health_key(component, name))
 
 
 def reports(connection: redis.Redis, component: str) -> dict[str, dict[str, Any]]:

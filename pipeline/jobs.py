@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rq import Queue, Retry
 
 from pipeline.records import ImageRecord
-from pipeline.uids import job_id
+from pipeline.uids import job_id, token
 
 if TYPE_CHECKING:  # workers need not import the conversion stack to read a payload
     from pipeline.convert.options import ConvertedImage
@@ -128,5 +128,46 @@ def enqueue_batch(
         retry=Retry(max=retries, interval=list(retry_intervals)) if retries else None,
         # rq logs the description: UIDs and counts only, never the payload.
         description=f"embed {len(batch.items)} images of series {batch.series_instance_uid}",
+    )
+    return jid
+
+
+# -- the push queue: one job per (sink, study version), on the listener host -----------------
+
+PUSH_QUEUE = "push"
+#: The push job function, by import path (enqueued by the push service's completer).
+PUSH_FUNC = "workers.jobs.push_version"
+
+#: Waits between retries of a push a sink refused for now: a PACS down for maintenance or a
+#: receiver being redeployed gets about an hour; then it is dead-lettered.
+PUSH_RETRY_INTERVALS = [5, 15, 60, 300, 900, 1800]
+
+
+def push_job_id(sink: str, study_uid: str, version: int) -> str:
+    """The push's name, also its dead letter's: the same for a redo, so it is enqueued once."""
+    return f"push-{sink}-{token(study_uid)}-v{version}"
+
+
+def enqueue_push(
+    queue: Queue,
+    sink: str,
+    study_uid: str,
+    version: int,
+    *,
+    force: bool = False,
+    retry_intervals: Sequence[int] = PUSH_RETRY_INTERVALS,
+) -> str:
+    """Put one push on the push queue; ``force`` re-sends a version the sink already has."""
+    jid = push_job_id(sink, study_uid, version)
+    queue.enqueue_call(
+        PUSH_FUNC,
+        args=(sink, study_uid, version),
+        kwargs={"force": force},
+        job_id=jid,
+        timeout=600,
+        result_ttl=0,
+        failure_ttl=7 * 24 * 3600,
+        retry=Retry(max=len(retry_intervals), interval=list(retry_intervals)),
+        description=f"push version {version} of study {study_uid} to {sink}",
     )
     return jid

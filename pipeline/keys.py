@@ -26,7 +26,8 @@ each received instance; written by the listener's dispatcher and the workers, re
     pe:failed:recent                 zset    SOP UID -> time failed
     pe:counters                      hash    event -> cumulative count, never decremented
     pe:inst:*                        hash    [SOP UID] its non-PHI header fields, "frames"
-                                             (those selected, "0,2,4"), "decoder", "job" (rq id)
+                                             (those selected, "0,2,4"), "decoder", "job" (rq id),
+                                             "digest" (BLAKE2b of the spooled bytes)
 
 Listener intake: what the listener turned away (pipeline/intake.py). Written by the listener,
 read by /status and /metrics. Permanent (the list is capped at 100 events)::
@@ -34,10 +35,45 @@ read by /status and /metrics. Permanent (the list is capped at 100 events)::
     pe:intake:counts                 hash    "<kind>|<reason>" -> count
     pe:intake:recent                 list    json events, newest first
 
-Process health (pipeline/health.py). Written by each listener's dispatcher every few seconds,
-read by /status and /readyz. Expires 15 s after the last renewal::
+Process health (pipeline/health.py). Written every few seconds by each listener's dispatcher
+(component ``dispatcher``, expires 15 s after the last renewal) and every second by each
+worker's janitor (component ``worker``: state and current job; expires after 5 s, and a worker
+without one is dead, its job requeued: workers/janitor.py); read by /status and /readyz::
 
     pe:health:*:*                    string  [component]:[host:pid] json report
+
+rq's scheduler (moving a queue's due retries onto it) runs in whichever worker of that queue
+holds its lock (workers/janitor.py); held for 5 s and renewed every second, released on stop::
+
+    pe:scheduler:*                   string  [queue] the holder's name
+
+Study versions (pipeline/studies.py). Written by the listener's dispatcher (arrivals) and the
+push service (completions, deliveries); read by /status, /studies and the push service.
+Permanent::
+
+    pe:studystate:*                  hash    [study UID] version, state (open|complete),
+                                             opened_ms, last_ms, completed_version,
+                                             completed_ms, "pushed:<sink>" -> version delivered
+    pe:studymembers:*                set     [study UID] SOP UIDs received, every version
+    pe:studies:due                   zset    study UID -> when to look at it next (ms)
+    pe:studies:recent                zset    study UID -> last arrival (ms)
+    pe:push:outbox                   zset    study UID -> completed version without push jobs yet
+    pe:push:counts                   hash    "<sink>|<outcome>" -> pushes (sent, already,
+                                             superseded, dead_lettered)
+
+Spool retention (dicom_listener/retention.py): instances whose results were delivered, due for
+deletion from the spool. Written by the push service, cleared by an arrival of the instance
+(pipeline/studies.py). Permanent::
+
+    pe:retention                     zset    SOP UID -> when its spooled file may go (s)
+
+Dead letters (pipeline/deadletters.py): pushes a sink refused for good or that failed through
+every retry. Written by the push service, read by /status; ``pacs-embed requeue`` removes one.
+Permanent::
+
+    pe:deadletter                    hash    push job id -> json {sink, study_instance_uid,
+                                             version, reason, at}
+    pe:deadletter:recent             zset    push job id -> time dead-lettered
 
 Embeddings store (pipeline/store.py). Written by the workers (a vector, its verdict and its
 series sum in one MULTI; a verdict revised by a reference trim); read by ``pacs-embed embeddings
@@ -151,6 +187,32 @@ def health_key(component: str, name: str) -> str:
     return _key("health", component, name)
 
 
+def scheduler_lock(queue: str) -> str:
+    """Who runs rq's scheduler for ``queue`` (workers/janitor.py)."""
+    return _key("scheduler", queue)
+
+
+# -- study versions (pipeline/studies.py) ----------------------------------------------------
+def study_state_key(study_uid: str) -> str:
+    return _key("studystate", study_uid)
+
+
+def study_members_key(study_uid: str) -> str:
+    return _key("studymembers", study_uid)
+
+
+STUDIES_DUE = _key("studies", "due")
+STUDIES_RECENT = _key("studies", "recent")
+PUSH_OUTBOX = _key("push", "outbox")
+PUSH_COUNTS = _key("push", "counts")
+
+RETENTION = _key("retention")
+
+# -- dead letters (pipeline/deadletters.py) --------------------------------------------------
+DEAD_LETTERS = _key("deadletter")
+DEAD_LETTERS_RECENT = _key("deadletter", "recent")
+
+
 # -- embeddings store (pipeline/store.py) ----------------------------------------------------
 EMB_VECTORS = _key("emb", "vec")
 EMB_META = _key("emb", "meta")
@@ -234,6 +296,16 @@ NAMESPACE: tuple[Key, ...] = (
     Key(INTAKE_COUNTS, "hash", "pipeline.intake"),
     Key(INTAKE_RECENT, "list", "pipeline.intake"),
     Key(health_key("*", "*"), "string", "pipeline.health"),
+    Key(scheduler_lock("*"), "string", "workers.janitor"),
+    Key(study_state_key("*"), "hash", "pipeline.studies"),
+    Key(study_members_key("*"), "set", "pipeline.studies"),
+    Key(STUDIES_DUE, "zset", "pipeline.studies"),
+    Key(STUDIES_RECENT, "zset", "pipeline.studies"),
+    Key(PUSH_OUTBOX, "zset", "pipeline.studies"),
+    Key(PUSH_COUNTS, "hash", "workers.push"),
+    Key(RETENTION, "zset", "dicom_listener.retention"),
+    Key(DEAD_LETTERS, "hash", "pipeline.deadletters"),
+    Key(DEAD_LETTERS_RECENT, "zset", "pipeline.deadletters"),
     Key(EMB_VECTORS, "hash", _STORE),
     Key(EMB_META, "hash", _STORE),
     Key(VERDICTS, "hash", _STORE),

@@ -110,14 +110,34 @@ class Ledger:
     def __init__(self, connection: redis.Redis) -> None:
         self.redis = connection
 
-    def spooled(self, sop_uids: Iterable[str]) -> None:
-        """Acknowledged and waiting for conversion (also: a resend of a failed instance)."""
+    def spooled(self, sop_uids: Iterable[str], digests: Mapping[str, str] | None = None) -> None:
+        """Acknowledged and waiting for conversion (also: a resend of a failed instance, or a
+        correction); ``digests``: each instance's spooled bytes' digest, to know a resend."""
         uids = list(sop_uids)
         if uids:
             with self.redis.pipeline() as pipe:
                 pipe.sadd(keys.RECEIVED, *uids)
                 _enter(pipe, uids, State.SPOOLED)
+                for uid, digest in (digests or {}).items():
+                    pipe.hset(keys.instance_key(uid), "digest", digest)
                 pipe.execute()
+
+    def digests(self, sop_uids: Sequence[str]) -> list[str | None]:
+        """The digest of each instance's bytes as last spooled (None: never, or not recorded)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for uid in sop_uids:
+                pipe.hget(keys.instance_key(uid), "digest")
+            return [text(d) if d is not None else None for d in pipe.execute()]
+
+    def settled(self, sop_uids: Sequence[str]) -> list[bool]:
+        """For each instance: embedded or skipped, i.e. final and not to be tried again."""
+        if not sop_uids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smismember(keys.EMBEDDED, list(sop_uids))
+            pipe.hmget(keys.SKIPPED, list(sop_uids))
+            embedded, skipped = pipe.execute()
+        return [bool(e) or s is not None for e, s in zip(embedded, skipped, strict=True)]
 
     def converting(self, sop_uids: Iterable[str]) -> None:
         uids = list(sop_uids)

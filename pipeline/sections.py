@@ -13,8 +13,9 @@ adds what only exists at run time — never as a copy of its fields:
 
 So a new setting is one field here (plus its line in config/default.toml and the README table,
 kept equal to the defaults by tests/test_settings.py). ``pipeline.settings.Settings`` composes the
-sections and reads them from the TOML file and the environment. This module imports only pydantic,
-so the conversion processes can unpickle their options without loading the settings machinery.
+sections and reads them from the TOML file and the environment. This module imports pydantic
+(and from pydantic-settings only its ``NoDecode`` marker), never ``pipeline.settings``, so the
+conversion processes can unpickle their options without building settings.
 
 A section built directly (a test, the listener deriving its limits) refuses a bad value with a
 :class:`ConfigError` naming the key (``convert.size: ...``), as ``Settings.load`` does.
@@ -22,6 +23,7 @@ A section built directly (a test, the listener deriving its limits) refuses a ba
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -29,6 +31,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -37,6 +40,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_settings import NoDecode
 
 from pipeline.errors import ConfigError
 from pipeline.vocabulary import DEFAULT_EMBED_MODALITIES, DEFAULT_SKIP_SOP_CLASSES
@@ -96,27 +100,65 @@ def overrides_of(group: type[Section]) -> type[Section]:
     return create_model(f"{group.__name__}Overrides", __base__=Section, **fields)
 
 
+def _ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16 or "\\" in value or not value.isascii() or not value.strip():
+        raise ValueError("an AE title is 1-16 ASCII characters, not all spaces, no backslash")
+    return value
+
+
+def _ae_title_list(value: Any) -> Any:
+    """``PACS1,PACS2`` (the env form) or a JSON list as text; a TOML list passes as it is."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        return json.loads(value)  # a JSONDecodeError is a ValueError: reported with the key
+    return [title.strip() for title in value.split(",") if title.strip()]
+
+
+#: A list of AE titles, also read from one string (NoDecode: pydantic-settings leaves an env
+#: value as text, so ``_ae_title_list`` reads both ``PACS1,PACS2`` and ``["PACS1","PACS2"]``).
+AETitles = Annotated[
+    list[Annotated[str, AfterValidator(_ae_title)]], NoDecode, BeforeValidator(_ae_title_list)
+]
+
+
 class ListenerSettings(Section):
-    """The DICOM Storage SCP."""
+    """The DICOM Storage SCP, on ``port`` and, with TLS, also on ``tls_port`` (same AE, same
+    handlers). Connections are counted per peer address from accept to close; association slots
+    (``max_associations``) only from an accepted request to the end of its association, so
+    connections that never send one cannot take them and are closed after
+    ``association_request_timeout_seconds`` (docs/architecture.md §4)."""
 
     section = "listener"
 
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens for its PACS; restrict with allowed_*
     port: Port = 11112
-    ae_title: str = "PACS_EMBED"
-    allowed_calling_aets: list[str] = Field(default_factory=list)  # empty: any calling AE
+    ae_title: Annotated[str, AfterValidator(_ae_title)] = "PACS_EMBED"
+    allowed_calling_aets: AETitles = Field(default_factory=list)  # empty: any calling AE
     require_called_aet: bool = True  # associations addressed to another AE title are rejected
     accept_unknown_sop_classes: bool = False  # private/unknown storage classes (like Orthanc's)
-    max_associations: int = Field(default=16, ge=1)
+    max_associations: int = Field(default=16, ge=1)  # established associations, both ports
+    # open connections per address; above max_associations, so a sender using every slot is
+    # still answered A-ASSOCIATE-RJ (local limit exceeded) rather than a closed connection
+    max_connections_per_peer: int = Field(default=32, ge=1)
+    # bounds the TLS handshake, then the wait for the A-ASSOCIATE-RQ (each); also the ARTIM timer
+    association_request_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     min_free_disk_mb: int = Field(default=1024, ge=0)  # below: 0xA700, PACS retries later
     max_backlog: int = Field(default=20000, ge=1)  # unprocessed instances before 0xA700
+    tls_port: Port | None = None  # None: no TLS listener
+    tls_cert_file: Path | None = None  # PEM server certificate (chain); required with tls_port
+    tls_key_file: Path | None = None  # PEM private key, unencrypted
+    tls_ca_file: Path | None = None  # PEM CA(s): client certificates required and verified
 
-    @field_validator("ae_title")
-    @classmethod
-    def _ae_title(cls, value: str) -> str:
-        if not 1 <= len(value) <= 16 or "\\" in value or not value.isascii() or not value.strip():
-            raise ValueError("an AE title is 1-16 ASCII characters, not all spaces, no backslash")
-        return value
+    @model_validator(mode="after")
+    def _tls(self) -> ListenerSettings:
+        if self.tls_port is None:
+            return self
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            raise ValueError("tls_port needs tls_cert_file and tls_key_file")
+        if self.tls_port == self.port:
+            raise ValueError("tls_port must differ from port")
+        return self
 
 
 # -- [convert] ---------------------------------------------------------------------------------
@@ -340,6 +382,122 @@ class EmulatorSettings(FaultPlan):
     key: SecretStr | None = None
     key_file: Path | None = None
     response_shape: Literal["rows", "columns"] = "rows"
+
+
+# -- [sinks] -----------------------------------------------------------------------------------
+# Where results leave pacs-embed (pipeline/sinks). Each sink is off until its address is set.
+# Secrets (token, password, secret) come only from env vars or files, as the endpoint key does.
+
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class DicomSinkSettings(Section):
+    """[sinks.dicom]: C-STORE of our SR/KOS objects to a DICOM node, passed whole to
+    ``pipeline.sinks.DicomSink``. ``host`` None: off. With ``tls`` the peer's certificate is
+    checked against ``tls_ca_file`` (else the system CAs) and its host name; ``tls_cert_file``
+    and ``tls_key_file`` add a client certificate for peers that require one."""
+
+    section = "sinks.dicom"
+
+    host: str | None = None
+    port: Port = 104
+    ae_title: Annotated[str, AfterValidator(_ae_title)] | None = None  # the peer's (called) AE
+    calling_ae_title: Annotated[str, AfterValidator(_ae_title)] = "PACS_EMBED"
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    timeout_seconds: Seconds = 30.0  # connect, association, each DIMSE answer
+
+    @model_validator(mode="after")
+    def _complete(self) -> DicomSinkSettings:
+        if self.host is not None and self.ae_title is None:
+            raise ValueError("host needs ae_title, the AE title of the node stored to")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+
+class DicomWebSinkSettings(Section):
+    """[sinks.dicomweb]: STOW-RS of the same objects to a DICOMweb service root (``url``, e.g.
+    ``https://pacs.example/dicom-web``); None: off. ``auth`` "bearer" sends ``token``, "basic"
+    ``username`` and ``password``; token and password from env or their ``*_file`` only."""
+
+    section = "sinks.dicomweb"
+
+    url: str | None = None
+    auth: Literal["none", "bearer", "basic"] = "none"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None  # PEM CA(s) for an https url; unset: the system CAs
+    timeout_seconds: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _credentials(self) -> DicomWebSinkSettings:
+        if self.url is None:
+            return self
+        if self.auth == "bearer" and self.token is None and self.token_file is None:
+            raise ValueError("auth bearer needs token (env) or token_file")
+        if self.auth == "basic" and (
+            self.username is None or (self.password is None and self.password_file is None)
+        ):
+            raise ValueError("auth basic needs username and password (env) or password_file")
+        return self
+
+
+class WebhookSinkSettings(Section):
+    """[sinks.webhook]: a signed JSON POST per study version; ``url`` None: off. The body is
+    signed with ``secret`` (env only) or the content of ``secret_file``."""
+
+    section = "sinks.webhook"
+
+    url: str | None = None
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    include_vectors: bool = False  # also send each series' embedding (1024 floats)
+    timeout_seconds: Seconds = 10.0
+
+    @model_validator(mode="after")
+    def _signed(self) -> WebhookSinkSettings:
+        if self.url is not None and self.secret is None and self.secret_file is None:
+            raise ValueError("url needs secret (env) or secret_file: every body is signed")
+        return self
+
+
+class SinksSettings(Section):
+    """[sinks.*]: the sinks, one sub-section each (env ``PACS_EMBED_SINKS__DICOM__HOST``)."""
+
+    section = "sinks"
+
+    dicom: DicomSinkSettings = DicomSinkSettings()
+    dicomweb: DicomWebSinkSettings = DicomWebSinkSettings()
+    webhook: WebhookSinkSettings = WebhookSinkSettings()
+
+
+# -- [study] [spool] ---------------------------------------------------------------------------
+
+
+class StudySettings(Section):
+    """When a study version is complete, and its results are pushed (pipeline/studies.py)."""
+
+    section = "study"
+
+    stable_seconds: float = Field(default=60.0, gt=0)  # no new instance for this long, all final
+    max_wait_seconds: float = Field(default=3600.0, gt=0)  # then complete with what is final
+
+
+class SpoolSettings(Section):
+    """Spool retention (dicom_listener/retention.py): a delivered instance's file is deleted
+    ``retention_hours`` after delivery (0: kept), earlier while free disk is under
+    ``cleanup_free_disk_mb`` (keep it above ``listener.min_free_disk_mb``, which refuses)."""
+
+    section = "spool"
+
+    retention_hours: float = Field(default=24.0, ge=0)
+    cleanup_free_disk_mb: int = Field(default=4096, ge=0)
 
 
 # -- the rest ----------------------------------------------------------------------------------

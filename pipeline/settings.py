@@ -3,8 +3,9 @@
 Sources, strongest first: environment variables ``PACS_EMBED_<SECTION>__<KEY>`` (plus
 ``PACS_EMBED_STATE_DIR``), then the TOML file given with ``--config``, then the defaults written
 in the sections (``config/default.toml`` is a commented copy of them, checked by a test). Secrets
-— endpoint key, admin token, emulator key — come only from env vars or files: a TOML file holding
-one is refused, because config files get copied into tickets and repositories.
+— endpoint key, admin token, emulator key, the sinks' token, password and webhook secret — come
+only from env vars or files: a TOML file holding one is refused, because config files get copied
+into tickets and repositories. ``[sinks.dicom]`` nests: ``PACS_EMBED_SINKS__DICOM__HOST``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from pipeline.sections import (
     ModalityRule,
     QueueSettings,
     RedisSettings,
+    SinksSettings,
+    SpoolSettings,
+    StudySettings,
     WorkerSettings,
     error_lines,
 )
@@ -51,13 +55,23 @@ __all__ = [
     "QueueSettings",
     "RedisSettings",
     "Settings",
+    "SinksSettings",
+    "SpoolSettings",
+    "StudySettings",
     "WorkerSettings",
     "read_secret",
     "read_toml",
 ]
 
 #: TOML keys that must never hold a value: (section, key).
-SECRET_KEYS = (("endpoint", "key"), ("admin", "token"), ("emulator", "key"))
+SECRET_KEYS = (
+    ("endpoint", "key"),
+    ("admin", "token"),
+    ("emulator", "key"),
+    ("sinks.dicomweb", "token"),
+    ("sinks.dicomweb", "password"),
+    ("sinks.webhook", "secret"),
+)
 
 
 class Settings(BaseSettings):
@@ -81,6 +95,9 @@ class Settings(BaseSettings):
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
     detect: DetectSettings = DetectSettings()
+    sinks: SinksSettings = SinksSettings()
+    study: StudySettings = StudySettings()
+    spool: SpoolSettings = SpoolSettings()
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -127,6 +144,15 @@ class Settings(BaseSettings):
     def admin_token(self) -> str | None:
         return read_secret(self.admin.token, self.admin.token_file)
 
+    def webhook_secret(self) -> str | None:
+        return read_secret(self.sinks.webhook.secret, self.sinks.webhook.secret_file)
+
+    def dicomweb_token(self) -> str | None:
+        return read_secret(self.sinks.dicomweb.token, self.sinks.dicomweb.token_file)
+
+    def dicomweb_password(self) -> str | None:
+        return read_secret(self.sinks.dicomweb.password, self.sinks.dicomweb.password_file)
+
 
 class _DictSource(PydanticBaseSettingsSource):
     """Feeds an already-parsed TOML document to pydantic-settings at the lowest priority."""
@@ -152,10 +178,14 @@ def read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     for section, key in SECRET_KEYS:
-        if isinstance(data.get(section), dict) and key in data[section]:
+        table: Any = data
+        for part in section.split("."):  # "sinks.webhook" is the table [sinks.webhook]
+            table = table.get(part) if isinstance(table, dict) else None
+        if isinstance(table, dict) and key in table:
+            env = f"PACS_EMBED_{section.upper().replace('.', '__')}__{key.upper()}"
             raise ConfigError(
-                f"{path}: [{section}] {key} is a secret; set PACS_EMBED_{section.upper()}__"
-                f"{key.upper()} or [{section}] {key}_file instead of writing it in the file"
+                f"{path}: [{section}] {key} is a secret; set {env} or [{section}] {key}_file "
+                "instead of writing it in the file"
             )
     return data
 

@@ -125,6 +125,48 @@ class EmbeddingStore:
                     continue
         raise redis.WatchError(f"series {series} kept changing; retry the batch")
 
+    def forget(self, sop_uids: Sequence[str]) -> int:
+        """Remove every stored image of these instances — vectors, records, verdicts, cohort
+        membership, and their share of the series sums — so a corrected resend is embedded
+        again (the worker skips what is stored). Returns the number of images removed.
+
+        Reference sets keep what they learned from the old pixels: a reference is a sample of
+        the cohort, and one image more or less in it does not change a verdict's calibration.
+        """
+        by_key = {
+            image_key(sop, frame): sop
+            for sop, frames in zip(
+                sop_uids, self.ledger.selected_frames(list(sop_uids)), strict=True
+            )
+            for frame in (frames or (0,))
+        }
+        records = [r for r in self.records(list(by_key)) if r is not None]
+        if not records:
+            return 0
+        series = sorted({r.series_instance_uid for r in records})
+        for _attempt in range(MAX_SAVE_ATTEMPTS):
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    _watch(pipe, [series_key(uid) for uid in series])
+                    staged = [_unstage_series(pipe, uid, records) for uid in series]
+                    pipe.multi()
+                    for stage in staged:
+                        stage(pipe)
+                    for record in records:
+                        pipe.hdel(EMB_VECTORS, record.key)
+                        pipe.hdel(EMB_META, record.key)
+                        pipe.hdel(VERDICTS, record.key)
+                    for cohort in self._cohorts_of(records):
+                        pipe.srem(cohort_key(cohort), *[r.key for r in records])
+                    pipe.execute()
+                    return len(records)
+                except redis.WatchError:
+                    continue
+        raise redis.WatchError(f"series {series} kept changing; forget again")
+
+    def _cohorts_of(self, records: Sequence[ImageRecord]) -> set[str]:
+        return {v.cohort for v in self.verdicts([r.key for r in records]) if v is not None}
+
     def stored(self, keys: Sequence[str]) -> list[bool]:
         """For each image key: is its vector stored?"""
         if not keys:
@@ -367,6 +409,34 @@ def _series_state(
             sop for sop, i in members.items() if all(k in counted or k in mine for k in i.keys)
         ),
     )
+
+
+def _unstage_series(pipe: Any, uid: str, records: Sequence[ImageRecord]) -> Any:
+    """Read series ``uid`` (under WATCH); return what writes it back without ``records``."""
+    mine = [r.key for r in records if r.series_instance_uid == uid]
+    raw = pipe.hmget(series_key(uid), ["sum", "count", *(f"{_COUNTED}{k}" for k in mine)])
+    counted = [k for k, seen in zip(mine, raw[2:], strict=True) if seen is not None]
+    rows = pipe.hmget(EMB_VECTORS, counted) if counted else []
+    total = np.frombuffer(raw[0], dtype="<f8").copy() if raw[0] else None
+    for row in rows:
+        if row is not None and total is not None:
+            total -= np.frombuffer(row, dtype=DTYPE).astype(np.float64)
+    count = max(0, int(raw[1] or 0) - len(counted))
+
+    def stage(p: Any) -> None:
+        if counted:
+            p.hdel(series_key(uid), *(f"{_COUNTED}{k}" for k in counted))
+        p.hset(series_key(uid), "count", count)
+        if total is not None and count > 0:
+            p.hset(series_key(uid), "sum", total.tobytes())
+            norm = float(np.linalg.norm(total))
+            if norm > 0:
+                p.hset(SERIES_VECTORS, uid, (total / norm).astype(DTYPE).tobytes())
+        elif count == 0:
+            p.hdel(series_key(uid), "sum")
+            p.hdel(SERIES_VECTORS, uid)
+
+    return stage
 
 
 def _stage_image(

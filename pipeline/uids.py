@@ -105,3 +105,20 @@ def job_id(prefix: str, series_uid: str, image_keys: list[str]) -> str:
     cannot create a second job for it.
     """
     return f"{prefix}-{token(series_uid)}-{digest(chr(10).join(sorted(image_keys)), 16)}"
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID that is a pure function of ``parts``: ``2.25.`` + a name-based UUID as a decimal.
+
+    For objects pacs-embed creates and may create again (a result pushed again after a crash):
+    the same parts give the same UID, so the receiver recognises the resend instead of storing
+    a second copy. PS3.5 B.2 roots UUID-derived UIDs at ``2.25``; the UUID is the first 128 bits
+    of SHA-256 over the parts with the RFC 9562 version 8 (custom) and variant bits set, so it is
+    a valid UUID, not just a number. Parts are joined with NUL, which no safe UID holds, so
+    ("1.2", "3") and ("1", ".23") differ. At most 44 characters, conformant (no leading zero).
+    """
+    name = "\0".join(("pacs-embed", *parts)).encode("utf-8", "surrogateescape")
+    value = int.from_bytes(hashlib.sha256(name).digest()[:16], "big")
+    value = (value & ~(0xF << 76)) | (0x8 << 76)  # version 8
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant 10xx (RFC 9562)
+    return f"2.25.{value}"

@@ -1,14 +1,22 @@
-"""GET from an AdminServer on loopback, the way a monitoring probe would."""
+"""Talk to an AdminServer on loopback: as a monitoring probe would (:func:`get`), or byte by byte
+as a broken or hostile client would (:func:`exchange`)."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import select
+import socket
+import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from http.client import HTTPResponse
 from typing import Any
 
 from pipeline.admin.server import AdminServer
+
+Address = tuple[str, int]
 
 
 def get(server: AdminServer, path: str, token: str | None = None) -> tuple[int, Any]:
@@ -30,3 +38,69 @@ def _body(response: HTTPResponse | urllib.error.HTTPError) -> Any:
     if response.headers.get_content_type() == "application/json":
         return json.load(response)
     return response.read().decode()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer as it came over the wire."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get_content_type()
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request_bytes(method: str, target: str, headers: dict[str, str] | None = None) -> bytes:
+    """A whole HTTP/1.1 request head, byte for byte what is given (no validation)."""
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *_header_lines(headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _header_lines(headers: dict[str, str] | None) -> list[str]:
+    return [f"{name}: {value}" for name, value in (headers or {}).items()]
+
+
+def exchange(address: Address, data: bytes, *, piece: int | None = None) -> Answer:
+    """Send ``data`` at once, or in ``piece``-byte pieces with a pause between them, stopping as
+    soon as the server answers (as a client does when refused mid-request); read the answer."""
+    with socket.create_connection(address, timeout=10) as sock:
+        if piece is None:
+            sock.sendall(data)
+        else:
+            for start in range(0, len(data), piece):
+                if select.select([sock], [], [], 0.005)[0]:
+                    break  # answered (refused) already
+                sock.sendall(data[start : start + piece])
+        return read_answer(sock)
+
+
+def read_answer(sock: socket.socket) -> Answer:
+    response = HTTPResponse(sock)
+    response.begin()
+    with response:
+        return Answer(response.status, response.headers, response.read())
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed ``sock`` (whatever it sent before), None if it did not
+    within ``seconds``."""
+    start = time.monotonic()
+    try:
+        while True:
+            left = seconds - (time.monotonic() - start)
+            if left <= 0:
+                return None
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                break
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start

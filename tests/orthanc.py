@@ -1,7 +1,8 @@
 """Test harness: Debian's Orthanc as a plain local process, the PACS that forwards to the daemon.
 
 Orthanc runs from a generated JSON config in a private directory (its own storage and index),
-on free loopback ports, with no plugins and no REST authentication. Everything that shapes its
+on free loopback ports, with no plugins unless asked (``plugins=[DICOMWEB_PLUGIN]`` serves
+DICOMweb under ``/dicom-web/``) and no REST authentication. Everything that shapes its
 C-STORE SCU stays at Orthanc's defaults, so ``store()`` runs the same forward job a real
 Orthanc would: non-permissive (the first refused instance fails the job), transcoding only when
 the peer accepts none of the syntaxes an instance could be sent in.
@@ -21,6 +22,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,10 +33,16 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 AE_TITLE = "ORTHANC"
 #: Job states Orthanc never leaves (GET /jobs/{id} "State"); "Paused" needs an operator.
 FINAL_JOB_STATES = ("Success", "Failure", "Paused")
+#: Debian's orthanc-dicomweb plugin (STOW-RS, QIDO-RS, WADO-RS under /dicom-web/).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def available() -> bool:
     return os.access(ORTHANC, os.X_OK)
+
+
+def dicomweb_available() -> bool:
+    return available() and DICOMWEB_PLUGIN.exists()
 
 
 class OrthancError(AssertionError):
@@ -44,7 +52,17 @@ class OrthancError(AssertionError):
 class Orthanc:
     """``with Orthanc(tmp / "orthanc", modalities={"pe": ("PACS_EMBED", port)}) as pacs: ...``"""
 
-    def __init__(self, directory: Path, modalities: dict[str, tuple[str, int]]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        modalities: dict[str, tuple[str, int]],
+        *,
+        plugins: Sequence[Path | str] = (),
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``modalities``: name -> (AE title, port) of the nodes it talks to (and accepts
+        C-STOREs from, from 127.0.0.1); ``plugins``: shared libraries to load; ``extra``: more
+        top-level configuration keys, e.g. ``{"DicomWeb": {...}}``."""
         self.directory = directory
         self.http_port = free_port()
         self.dicom_port = free_port()
@@ -53,7 +71,8 @@ class Orthanc:
             "Name": "pacs-embed-interop",
             "StorageDirectory": str(directory / "storage"),
             "IndexDirectory": str(directory / "storage"),
-            "Plugins": [],  # not /usr/share/orthanc/plugins: the core is what is under test
+            # by default not /usr/share/orthanc/plugins: the core is what is under test
+            "Plugins": [str(plugin) for plugin in plugins],
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
             "DicomAet": AE_TITLE,
@@ -65,6 +84,7 @@ class Orthanc:
             "DicomModalities": {
                 name: [aet, "127.0.0.1", port] for name, (aet, port) in modalities.items()
             },
+            **(extra or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -122,6 +142,11 @@ class Orthanc:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service root of the plugin (``plugins=[DICOMWEB_PLUGIN]``)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     # -- REST ---------------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: bytes | None, content_type: str) -> Any:

@@ -110,9 +110,8 @@ def test_status_counts_instances(server: AdminServer, redis_conn: redis.Redis) -
         "failed_convert": 2,
         "skipped": 1,
     }
-    assert doc["queues"] == {
-        "embed": {"queued": 0, "started": 0, "scheduled": 0, "failed": 0, "finished": 0}
-    }
+    empty = {"queued": 0, "started": 0, "scheduled": 0, "failed": 0, "finished": 0}
+    assert doc["queues"] == {"embed": empty, "push": empty}
     failures = doc["failures"]
     assert [f["sop_instance_uid"] for f in failures] == ["1.2.6", "1.2.4"]
     assert failures[1]["reason"] == "unsupported Bits Allocated 7"

@@ -10,24 +10,37 @@ lease emptied later disappears). A key built outside keys.py fails here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 from rq import Queue
 
+from dicom_listener.retention import Retention
+from dicom_listener.spool import Spool
 from pipeline import health, keys
+from pipeline.deadletters import DeadLetters
 from pipeline.detect.detector import Detector, reference_store
 from pipeline.detect.labels import PromptEmbeddings
 from pipeline.embed.contract import EMBEDDING_DIM, EmbedResult, Row
 from pipeline.embed.limiter import RedisLimiter
 from pipeline.intake import Event, IntakeLog, Kind
-from pipeline.jobs import EMBED_QUEUE, EmbedBatch, ImageItem, enqueue_batch
+from pipeline.jobs import (
+    EMBED_QUEUE,
+    PUSH_QUEUE,
+    EmbedBatch,
+    ImageItem,
+    enqueue_batch,
+    enqueue_push,
+)
 from pipeline.ledger import Ledger, Stage
 from pipeline.metrics import EndpointMetrics
 from pipeline.records import ImageRecord
-from pipeline.settings import DetectSettings
+from pipeline.settings import DetectSettings, StudySettings
 from pipeline.store import EmbeddingStore
+from pipeline.studies import Studies
+from workers.janitor import Janitor
 from workers.service import EmbedService
 
 URL = "http://127.0.0.1:1/score"
@@ -60,7 +73,7 @@ def record(uid: str) -> ImageRecord:
     )
 
 
-def exercise(conn: redis.Redis) -> dict[str, str]:
+def exercise(conn: redis.Redis, tmp: Path) -> dict[str, str]:
     """Key -> Redis type of every key seen during a short run through every writer."""
     seen: dict[str, str] = {}
 
@@ -71,7 +84,10 @@ def exercise(conn: redis.Redis) -> dict[str, str]:
     # The listener: ledger states, intake events, dispatcher health.
     ledger = Ledger(conn)
     uids = [f"1.2.3.{n}" for n in range(1, 14)]
-    ledger.spooled(uids)
+    ledger.spooled(uids, {uid: "digest" for uid in uids})
+    now = [1000.0]
+    studies = Studies(conn, StudySettings(stable_seconds=1), clock=lambda: now[0])
+    studies.arrived([("1.2", uid) for uid in uids])
     ledger.converting(uids[:4])
     look()
     embeddable = uids[:-2]
@@ -109,13 +125,30 @@ def exercise(conn: redis.Redis) -> dict[str, str]:
     assert lease is not None
     look()
     lease.release()
+    # The push service: a study version completes, is pushed, its files become eligible.
+    now[0] += 10
     look()
+    assert [done.version for done in studies.complete_due()] == [1]
+    look()
+    assert studies.outbox() == [("1.2", 1)]
+    enqueue_push(Queue(PUSH_QUEUE, connection=conn), "webhook", "1.2", 1)
+    assert studies.taken("1.2", 1) and studies.pushed("1.2", "webhook", 1)
+    conn.hincrby(keys.PUSH_COUNTS, "webhook|sent", 1)  # as PushService counts
+    DeadLetters(conn).add("push-dicom-1-2-v1", "dicom", "1.2", 1, "refused")
+    Retention(Spool(tmp / "spool", tmp / "quarantine"), conn, hours=1, low_free_bytes=0).eligible(
+        uids
+    )
+    look()
+    janitor = Janitor(conn, Queue(EMBED_QUEUE, connection=conn))  # report, scheduler lock
+    janitor.tick()
+    look()
+    janitor.stop()
     return seen
 
 
 @pytest.fixture
-def written(redis_conn: redis.Redis) -> dict[str, str]:
-    return exercise(redis_conn)
+def written(redis_conn: redis.Redis, tmp_path: Path) -> dict[str, str]:
+    return exercise(redis_conn, tmp_path)
 
 
 def test_every_key_written_is_declared_with_its_type(written: dict[str, str]) -> None:

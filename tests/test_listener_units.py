@@ -20,12 +20,14 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from dicom_listener.handlers import handle_store
+from dicom_listener.door import Doorman
+from dicom_listener.handlers import handle_store, refused_by_title, rejection_reason
 from dicom_listener.spool import Spool
 from dicom_listener.status import StoreStatus, status_for
 from pipeline.errors import SpoolError
 from pipeline.intake import Event as IntakeEvent
 from pipeline.intake import Kind
+from pipeline.sections import ListenerSettings
 from pipeline.uids import is_safe_uid, is_valid_uid, job_id
 from tests import factory
 
@@ -60,7 +62,7 @@ class FakeEvent:
         )
         self.context = SimpleNamespace(transfer_syntax=syntax)
         self.assoc = SimpleNamespace(
-            requestor=SimpleNamespace(ae_title="STORESCU", address="127.0.0.1")
+            requestor=SimpleNamespace(ae_title="STORESCU", address="127.0.0.1", primitive=None)
         )
 
     def encoded_dataset(self) -> bytes:
@@ -323,3 +325,56 @@ def test_spool_works_where_hard_links_do_not(
     assert status == StoreStatus.SUCCESS and submitted == [spool.path_for(ct.SOPInstanceUID)]
     assert submitted[0].read_bytes() == event.data and list(spool.tmp.iterdir()) == []
     assert store(event, spool) == (StoreStatus.SUCCESS, [])  # a resend is still a resend
+
+
+# -- the door: slots, per-peer connections, rejection reasons -------------------------------------
+
+
+def test_doorman_counts_connections_per_address_and_slots_per_association() -> None:
+    """A peer's connections past its limit are refused (and not counted); association slots
+    are claimed up to max_associations and given back, each association once."""
+    door = Doorman(ListenerSettings(max_connections_per_peer=2, max_associations=1))
+    assert [door.admit("10.0.0.1") for _ in range(3)] == [(True, 1), (True, 2), (False, 3)]
+    assert door.admit("10.0.0.2") == (True, 1)  # another address has its own limit
+    door.leave("10.0.0.1")
+    assert door.admit("10.0.0.1") == (True, 2) and door.connections("10.0.0.1") == 2
+    first, second = object(), object()
+    assert door.claim(first) == (True, 1)  # type: ignore[arg-type]
+    assert door.claim(second) == (False, 1)  # type: ignore[arg-type]
+    door.release(first)  # type: ignore[arg-type]
+    door.release(first)  # type: ignore[arg-type] # twice: no effect
+    assert door.claim(second) == (True, 1)  # type: ignore[arg-type]
+
+
+def _assoc(
+    calling: str = "PACS1",
+    called: str = "PACS_EMBED",
+    allowed: list[str] | None = None,
+    answer: tuple[int, int] | None = None,
+) -> Any:
+    request = SimpleNamespace(calling_ae_title=calling, called_ae_title=called)
+    rejection = (
+        None if answer is None else SimpleNamespace(result_source=answer[0], diagnostic=answer[1])
+    )
+    return SimpleNamespace(
+        ae=SimpleNamespace(require_calling_aet=allowed or [], require_called_aet=True),
+        requestor=SimpleNamespace(primitive=request, ae_title=calling, address="10.0.0.1"),
+        acceptor=SimpleNamespace(ae_title="PACS_EMBED", primitive=rejection),
+    )
+
+
+def test_requests_refused_by_title_are_known_before_negotiation() -> None:
+    """The requests pynetdicom will reject for their AE titles, so they never take a slot."""
+    assert not refused_by_title(_assoc())
+    assert not refused_by_title(_assoc(allowed=["PACS1", "PACS2"]))
+    assert refused_by_title(_assoc(calling="OTHER", allowed=["PACS1"]))
+    assert refused_by_title(_assoc(called="SOMEONE_ELSE"))
+
+
+def test_rejection_reason_is_read_from_the_a_associate_rj() -> None:
+    """/status names the reason the A-ASSOCIATE-RJ carried (PS3.8 9.3.4), not a guess."""
+    assert rejection_reason(_assoc(answer=(0x01, 0x03))) == "calling AE title not allowed"
+    assert rejection_reason(_assoc(answer=(0x01, 0x07))) == "called AE title not recognised"
+    assert rejection_reason(_assoc(answer=(0x03, 0x02))) == "local limit exceeded"
+    assert rejection_reason(_assoc(answer=(0x02, 0x09))) == "source 2, reason 9"
+    assert rejection_reason(_assoc()) == "no reason given"  # no A-ASSOCIATE-RJ recorded

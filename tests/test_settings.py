@@ -160,8 +160,15 @@ RUNTIME: dict[type[BaseModel], type[BaseModel]] = {
     ModalityRule: ModalityRule,
 }
 
-#: The sections composed by Settings; two of them may share a key name (listener.port, admin.port).
+#: The sections composed by Settings, and the sub-sections they compose ([sinks.dicom]); two of
+#: them may share a key name (listener.port, admin.port, sinks.dicom.port).
 SECTIONS = {f.annotation for f in Settings.model_fields.values()} - {Path}
+SECTIONS |= {
+    f.annotation
+    for section in list(SECTIONS)
+    for f in section.model_fields.values()  # type: ignore[union-attr]
+    if isinstance(f.annotation, type) and issubclass(f.annotation, sections.Section)
+}
 
 
 def _declared(cls: type) -> set[str]:

@@ -52,5 +52,8 @@ def test_a_killed_worker_is_replaced_and_work_goes_on(daemon: Daemon, tmp_path: 
     sent = storescu(daemon.dicom_port, [factory.write(ds, tmp_path / "ct.dcm")])
     assert successes(sent) == 1, sent.stdout + sent.stderr
     daemon.wait_embedded(1, timeout=60)
-    assert any(line.get("event") == "worker.exited" for line in daemon.log_lines())
+    assert any(
+        line.get("event") == "child.exited" and line.get("role", "").startswith("worker")
+        for line in daemon.log_lines()
+    )
     daemon.wait_for(replaced, 30, "two workers still")

@@ -68,7 +68,7 @@ class EmbedService:
                 saved, failed = self._embed(todo), 0
             except PermanentEndpointError as exc:
                 if len(todo) == 1:
-                    self._fail(todo, exc)
+                    self._fail(todo, f"endpoint: {exc}")
                     saved, failed = 0, 1
                 else:  # one bad image must not take its 15 neighbours down: isolate it
                     saved, failed = self._one_by_one(todo)
@@ -124,14 +124,13 @@ class EmbedService:
             try:
                 saved += self._embed([item])
             except PermanentEndpointError as exc:
-                self._fail([item], exc)
+                self._fail([item], f"endpoint: {exc}")
                 failed += 1
         return saved, failed
 
-    def _fail(self, items: list[ImageItem], exc: Exception) -> None:
+    def _fail(self, items: list[ImageItem], reason: str) -> None:
         """Quarantine the instances of ``items``: one frame that cannot be embedded fails its
         instance (its other frames stay stored; it is never complete)."""
-        reason = f"endpoint: {exc}"
         sop_uids = list(dict.fromkeys(item.image.sop_instance_uid for item in items))
         for sop_uid in sop_uids:
             self.ledger.failed(sop_uid, Stage.EMBED, reason)
@@ -142,9 +141,12 @@ class EmbedService:
             image_keys=[item.image.key for item in items],
         )
 
-    def give_up(self, batch: EmbedBatch, exc: Exception) -> None:
-        """The job's last retry failed transiently: record why, so the instances are final."""
-        self._fail(self._split(batch)[0], exc)
+    def give_up(self, batch: EmbedBatch, reason: str) -> None:
+        """The job will not run again (its last retry failed transiently, or it kept killing its
+        worker): record why for what it has not stored, so its instances are final."""
+        todo = self._split(batch)[0]
+        if todo:
+            self._fail(todo, reason)
 
     def _split(self, batch: EmbedBatch) -> tuple[list[ImageItem], list[ImageItem]]:
         """(to embed, already stored): the store decides, by image key (idempotent)."""

@@ -31,7 +31,9 @@ def _raw(ds: Dataset, keyword: str) -> object:
             return MultiValue(str, [])
 
 
-def _uid(ds: Dataset, keyword: str, name: str) -> str:
+def checked_uid(ds: Dataset, keyword: str, name: str) -> str:
+    """The UID under ``keyword``, refused (ConversionError naming ``name``) when it is
+    multi-valued, unsafe, or non-conformant and holding the object's own patient data."""
     value = _raw(ds, keyword)
     if isinstance(value, MultiValue):
         raise ConversionError(f"{name} is multi-valued or malformed")
@@ -83,9 +85,9 @@ def record_of(ds: Dataset, options: ConvertOptions) -> ImageRecord:
     body_part = _raw(ds, "BodyPartExamined")
     return ImageRecord(
         sop_instance_uid=sop_instance_uid,
-        study_instance_uid=_uid(ds, "StudyInstanceUID", "Study Instance UID"),
-        series_instance_uid=_uid(ds, "SeriesInstanceUID", "Series Instance UID"),
-        sop_class_uid=_uid(ds, "SOPClassUID", "SOP Class UID"),
+        study_instance_uid=checked_uid(ds, "StudyInstanceUID", "Study Instance UID"),
+        series_instance_uid=checked_uid(ds, "SeriesInstanceUID", "Series Instance UID"),
+        sop_class_uid=checked_uid(ds, "SOPClassUID", "SOP Class UID"),
         modality=modality_code(modality),
         body_part=body_part_term(body_part, dict(options.body_part_aliases)),
         view=view_of(ds),

@@ -36,7 +36,7 @@ import redis
 import structlog
 
 from pipeline.errors import TransientEndpointError
-from pipeline.keys import wake_key
+from pipeline.keys import INFLIGHT_PATTERN, text, wake_key
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +97,21 @@ _COUNT = (
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 )
+
+
+def drop_leases_of(connection: redis.Redis, owner: str) -> int:
+    """Release every lease held by process ``owner`` (``host:pid``), found dead: its slots
+    come free now rather than ``lease_seconds`` later. Returns how many were dropped."""
+    dropped = 0
+    for key in connection.scan_iter(match=INFLIGHT_PATTERN, _type="zset"):
+        members = [text(m) for m in connection.zrange(key, 0, -1)]
+        held = [m for m in members if m.startswith(f"{owner}:")]
+        if held:
+            dropped += int(connection.zrem(key, *held))
+            wake = wake_key(text(key))
+            connection.rpush(wake, *["1"] * len(held))
+            connection.pexpire(wake, round(DEFAULT_LEASE_SECONDS * 1000))
+    return dropped
 
 
 class Lease(Protocol):

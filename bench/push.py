@@ -1,0 +1,141 @@
+"""Results-back benchmark: a study's last C-STORE -> its SR in a real Orthanc, and retention.
+
+1. ``latency``: `pacs-embed run` with the local emulator (NOT MedImageInsight) and Orthanc as the
+   DICOM sink; DCMTK storescu sends a ``--slices`` study; prints the time from the last C-STORE's
+   answer to the SR being in Orthanc, against the goal ``stable_seconds + 5``, and the part of it
+   that is the stable wait itself.
+2. ``spool``: reconciliation and retention over a spool of ``--instances`` files (tiny ones:
+   the walk and the Redis round trips are what is measured), all final in the ledger; prints
+   reconciliation's time and the files retention deletes per second.
+
+    .venv/bin/python -m bench.push latency [--slices 200] [--stable 5]
+    .venv/bin/python -m bench.push spool [--instances 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import redis
+
+from dicom_listener.reconcile import reconcile
+from dicom_listener.retention import Retention
+from dicom_listener.spool import Spool
+from pacs_embed.processes import PrivateRedis
+from pipeline.ledger import Ledger
+from tests import factory, orthanc
+from tests.daemon import Daemon, storescu, successes
+from tests.orthanc import Orthanc
+
+
+def latency(slices: int, stable: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        daemon = Daemon(
+            work / "var",
+            work / "daemon.log",
+            QUEUE__LINGER_SECONDS="0.3",
+            STUDY__STABLE_SECONDS=str(stable),
+        )
+        with Orthanc(work / "orthanc", {"pe": ("PACS_EMBED", daemon.dicom_port)}) as pacs:
+            daemon.env.update(
+                {
+                    "PACS_EMBED_SINKS__DICOM__HOST": "127.0.0.1",
+                    "PACS_EMBED_SINKS__DICOM__PORT": str(pacs.dicom_port),
+                    "PACS_EMBED_SINKS__DICOM__AE_TITLE": orthanc.AE_TITLE,
+                }
+            )
+            study, series = factory.new_uid(), factory.new_uid()
+            files = [
+                factory.write(
+                    factory.ct_slice(study_uid=study, series_uid=series, instance_number=i),
+                    work / f"{i}.dcm",
+                )
+                for i in range(1, slices + 1)
+            ]
+            daemon.start()
+            try:
+                sent = storescu(daemon.dicom_port, files)
+                last_store = time.monotonic()
+                if successes(sent) != slices:
+                    raise SystemExit(f"storescu failed:\n{sent.stdout[-2000:]}")
+                query = {
+                    "Level": "Instance",
+                    "Query": {"StudyInstanceUID": study, "Modality": "SR"},
+                }
+                daemon.wait_for(lambda: bool(pacs.post("/tools/find", query)), 600, "the SR")
+                took = time.monotonic() - last_store
+                stored_at = time.time() - took
+                events = {e.get("event"): e for e in daemon.log_lines()}
+            finally:
+                daemon.stop()
+    phases = {
+        name: _unix(events[event]["timestamp"]) - stored_at
+        for name, event in (("completed", "study.completed"), ("pushed", "push.sent"))
+        if event in events
+    }
+    goal = stable + 5
+    print(
+        f"latency: {slices}-slice study, last C-STORE -> SR in Orthanc {took:.1f} s "
+        f"(stable_seconds {stable:g} of it; goal <= {goal:g} s: {took / goal:.2f} of the goal); "
+        + ", ".join(f"{name} at +{at:.1f} s" for name, at in phases.items())
+    )
+
+
+def _unix(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+def spool(instances: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with PrivateRedis(work / "redis").running() as url:
+            conn = redis.Redis.from_url(url)
+            store = Spool(work / "spool", work / "quarantine")
+            uids = [f"1.2.826.0.1.3680043.10.{n}" for n in range(instances)]
+            for uid in uids:
+                path = store.path_for(uid)
+                path.write_bytes(b"\0" * 132)
+            ledger = Ledger(conn)
+            for start in range(0, instances, 5000):
+                part = uids[start : start + 5000]
+                ledger.spooled(part)
+                for uid in part:
+                    ledger.skipped(uid, "bench")
+            submitted: list[Path] = []
+            started = time.perf_counter()
+            counts = reconcile(store, ledger, conn, submitted.append)
+            walked = time.perf_counter() - started
+            retention = Retention(store, conn, hours=1e-9, low_free_bytes=0)
+            retention.eligible(uids)
+            started = time.perf_counter()
+            deleted = retention.clean()
+            cleaned = time.perf_counter() - started
+    print(
+        f"spool: reconciliation of {instances} final instances {walked:.1f} s "
+        f"({instances / walked:,.0f}/s, resubmitted {counts['resubmitted']}); "
+        f"retention deleted {deleted} files in {cleaned:.1f} s ({deleted / cleaned:,.0f}/s)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    lat = sub.add_parser("latency")
+    lat.add_argument("--slices", type=int, default=200)
+    lat.add_argument("--stable", type=float, default=5.0)
+    sp = sub.add_parser("spool")
+    sp.add_argument("--instances", type=int, default=100_000)
+    args = parser.parse_args()
+    if args.what == "latency":
+        latency(args.slices, args.stable)
+    else:
+        spool(args.instances)
+
+
+if __name__ == "__main__":
+    main()

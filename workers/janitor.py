@@ -1,0 +1,269 @@
+"""Each worker's janitor thread: says the worker is alive, recovers a dead worker's job at once,
+and runs rq's scheduler — so neither a ``kill -9`` nor a restart stalls the queue.
+
+rq alone recovers the job of a killed worker only when the job's registry entry expires (the
+job timeout plus a minute, 16 minutes by default) and the next maintenance pass runs; the dead
+worker shows ``busy`` meanwhile and its in-flight lease holds an endpoint slot. And rq's own
+scheduler lives in a forked process whose lock outlives a killed worker, so retries waited for
+the next maintenance pass, 10 minutes or more. (docs/architecture.md §3.)
+
+So every worker runs one small thread that, every :data:`TICK_SECONDS`:
+
+1. renews its health report (``pe:health:worker:<host:pid>``, expiring in :data:`ALIVE_SECONDS`),
+   written from this thread, so a worker busy in a long request still shows alive;
+2. looks at the embed queue's started jobs: a job whose worker has no live report is requeued at
+   the front (:func:`reap`), the dead worker's rq registration and endpoint leases dropped. A job
+   whose workers died :data:`MAX_WORKER_DEATHS` times is failed instead (a batch that kills its
+   worker, by memory or a native crash, must not take the fleet down one worker at a time);
+3. holds its queue's scheduler lock (``pe:scheduler:<queue>``, a few seconds, renewed) or takes
+   it when free, and its holder moves due retries from rq's scheduled registry onto the queue.
+   A stopped worker releases the lock; a killed one loses it within seconds.
+
+``pacs-embed run`` also calls :func:`reap` the moment it sees a worker die, before any report
+lapses. Requeueing twice is prevented by the registry: only the caller whose ``ZREM`` of the
+job's entry succeeds requeues it. A job redone after a worker died costs nothing twice: the
+store skips images it already has (workers/service.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import redis
+import structlog
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.scheduler import RQScheduler
+from rq.utils import parse_composite_key
+from rq.worker import Worker
+
+from pipeline import health
+from pipeline.embed.limiter import drop_leases_of
+from pipeline.keys import scheduler_lock, text
+
+log = structlog.get_logger(__name__)
+
+#: How often the janitor runs.
+TICK_SECONDS = 1.0
+
+#: A worker whose report is older than this is dead: a few ticks, so a busy host is not taken
+#: for dead, and a killed worker's job moves on within seconds.
+ALIVE_SECONDS = 5
+
+#: How long a scheduler lock lasts without renewal.
+SCHEDULER_LOCK_SECONDS = 5
+
+#: After this many worker deaths on one job, the job is failed rather than requeued again.
+MAX_WORKER_DEATHS = 3
+
+#: How long a failed job stays in rq's failed registry (the ledger holds the failure).
+FAILED_TTL_SECONDS = 7 * 24 * 3600
+
+#: Called with a job the janitor gave up on, and the reason (the worker records the failure).
+GiveUp = Callable[[Job, str], None]
+
+
+def worker_name() -> str:
+    """This process's worker name: ``host:pid``, the same name its leases and report carry."""
+    return health.process_name()
+
+
+def name_of(pid: int, host: str | None = None) -> str:
+    """The worker name of process ``pid`` on ``host`` (this host by default)."""
+    return f"{host or socket.gethostname()}:{pid}"
+
+
+def alive(connection: redis.Redis, component: str = health.WORKER) -> set[str]:
+    """Workers (of ``component``: embed workers, push workers) whose report has not lapsed."""
+    return set(health.reports(connection, component))
+
+
+def reap(
+    connection: redis.Redis,
+    queue: Queue,
+    *,
+    dead: Callable[[str], bool],
+    give_up: GiveUp | None = None,
+    component: str = health.WORKER,
+) -> int:
+    """Requeue (at the front) every started job of ``queue`` whose worker is ``dead``; drop
+    those workers' registrations, reports and leases. Returns the number of jobs recovered."""
+    registry = StartedJobRegistry(queue=queue)
+    recovered = 0
+    gone: set[str] = set()
+    for entry in [text(e) for e in connection.zrange(registry.key, 0, -1)]:
+        name = _worker_of(connection, entry)
+        if not name or not dead(name):
+            continue
+        if not connection.zrem(registry.key, entry):
+            continue  # another janitor (or `run`) took it first
+        gone.add(name)
+        try:
+            job = Job.fetch(parse_composite_key(entry)[0], connection=connection)
+        except NoSuchJobError:
+            continue
+        recovered += _recover(connection, queue, job, name, give_up)
+    for name in gone:
+        forget(connection, name, component)
+    return recovered
+
+
+def _worker_of(connection: redis.Redis, entry: str) -> str:
+    """The worker running a started-registry entry (``<job id>:<execution id>``): rq records
+    it on the execution as the job starts ("" if that record is gone)."""
+    job_id, execution_id = parse_composite_key(entry)
+    try:
+        return Execution.fetch(execution_id, job_id, connection).worker_name
+    except ValueError:
+        return ""
+
+
+def _recover(
+    connection: redis.Redis, queue: Queue, job: Job, worker: str, give_up: GiveUp | None
+) -> int:
+    deaths = int(job.meta.get("worker_deaths", 0)) + 1
+    job.meta["worker_deaths"] = deaths
+    job.save_meta()  # type: ignore[no-untyped-call]
+    if deaths >= MAX_WORKER_DEATHS:
+        reason = f"its embed worker died {deaths} times while running it (killed, out of memory?)"
+        log.error("janitor.job_failed", job_id=job.id, worker=worker, deaths=deaths)
+        FailedJobRegistry(queue=queue).add(job, ttl=FAILED_TTL_SECONDS, exc_string=reason)
+        job.set_status(JobStatus.FAILED)
+        if give_up is not None:
+            give_up(job, reason)
+        return 0
+    queue.enqueue_job(job, at_front=True)
+    log.warning("janitor.job_requeued", job_id=job.id, dead_worker=worker, deaths=deaths)
+    return 1
+
+
+def forget(connection: redis.Redis, name: str, component: str = health.WORKER) -> None:
+    """Drop a dead worker's rq registration, health report and endpoint leases."""
+    key = f"{Worker.redis_worker_namespace_prefix}{name}"
+    if connection.exists(key):
+        found = Worker.find_by_key(key, connection=connection)
+        if found is not None:
+            found.register_death()  # type: ignore[no-untyped-call]
+    health.forget(connection, component, name)
+    released = drop_leases_of(connection, name)
+    log.info("janitor.worker_forgotten", worker=name, leases_released=released)
+
+
+class SchedulerLock:
+    """``pe:scheduler:<queue>``: who moves due retries onto the queue. Short-lived and renewed, so a
+    killed holder is replaced within seconds; released on a clean stop."""
+
+    _RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+    _RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+    def __init__(self, connection: redis.Redis, queue: str, holder: str) -> None:
+        self.key = scheduler_lock(queue)
+        self.holder = f"{holder}:{uuid.uuid4().hex[:8]}"
+        self._renew = connection.register_script(self._RENEW)
+        self._release = connection.register_script(self._RELEASE)
+
+    def hold(self) -> bool:
+        """Take or renew the lock; True while this process holds it."""
+        ms = SCHEDULER_LOCK_SECONDS * 1000
+        return bool(self._renew(keys=[self.key], args=[self.holder, ms]))
+
+    def release(self) -> None:
+        self._release(keys=[self.key], args=[self.holder])
+
+
+class Janitor:
+    """The thread described in the module docstring, one per worker process."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        queue: Queue,
+        *,
+        current_job: Callable[[], str | None] = lambda: None,
+        give_up: GiveUp | None = None,
+        component: str = health.WORKER,
+    ) -> None:
+        self.connection = connection
+        self.queue = queue
+        self.component = component
+        self.name = worker_name()
+        self.current_job = current_job
+        self.give_up = give_up
+        self.started = time.time()
+        self.lock = SchedulerLock(connection, queue.name, self.name)
+        self.scheduler = RQScheduler([queue], connection=connection)
+        self.scheduler.prepare_registries([queue.name])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="janitor", daemon=True)
+
+    def start(self) -> None:
+        """Report alive first (so no other janitor takes this worker's first job for a dead
+        worker's), then tick in the background."""
+        self.report()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop ticking; give the scheduler lock back and withdraw the report."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        try:
+            self.lock.release()
+            health.forget(self.connection, self.component, self.name)
+        except redis.RedisError as exc:
+            log.warning("janitor.stop_incomplete", error=type(exc).__name__)
+
+    def report(self) -> None:
+        job = self.current_job()
+        health.publish(
+            self.connection,
+            self.component,
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "state": "busy" if job else "idle",
+                "job": job,
+                "since": self.started,
+                "at": time.time(),
+            },
+            ttl=ALIVE_SECONDS,
+        )
+
+    def tick(self) -> None:
+        """One round: report, reap, schedule."""
+        self.report()
+        living = alive(self.connection, self.component) | {self.name}
+        reap(
+            self.connection,
+            self.queue,
+            dead=lambda n: n not in living,
+            give_up=self.give_up,
+            component=self.component,
+        )
+        if self.lock.hold():
+            self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_SECONDS):
+            try:
+                self.tick()
+            except redis.RedisError as exc:  # Redis away: the worker's loop says so too
+                log.debug("janitor.redis_error", error=type(exc).__name__)
+            except Exception:  # never let the janitor die: it is what recovers the others
+                log.exception("janitor.error")
