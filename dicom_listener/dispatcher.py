@@ -9,6 +9,10 @@ and the handlers refuse new instances (0xA700) while the backlog here is over it
 Crash-safety comes from the spool, not from here: anything in flight when the process dies is
 found again by reconciliation at the next start.
 
+Instances an operator asked to be done again (``pacs-embed requeue --instance``, POST
+/requeue: ``requested``) are taken each loop: a quarantined copy is moved back into the spool
+and the instance is handed on as if it had just arrived.
+
 One bad item never blocks the others: a batch the queue refuses for anything but a Redis outage
 is quarantined with the reason, and the loop goes on. A loop that keeps failing (Redis away) is
 reported by :meth:`Dispatcher.health`, which ``/readyz`` and ``/status`` show.
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import io
 import multiprocessing
 import os
 import queue
@@ -33,8 +36,8 @@ from typing import TYPE_CHECKING
 import redis
 import structlog
 from pydantic import Field
-from pydicom import dcmread
 
+from dicom_listener.peek import peek_study
 from dicom_listener.spool import Spool
 from pipeline.convert import ConvertedImage, ConvertOptions, convert_file
 from pipeline.convert.fields import checked_uid
@@ -43,7 +46,6 @@ from pipeline.jobs import EmbedBatch, ImageItem, items_of, split
 from pipeline.ledger import Ledger, Stage
 from pipeline.lifetime import pool_process_init
 from pipeline.logs import withhold_quoted
-from pipeline.phi import PHI_KEYWORDS
 from pipeline.sections import QueueSettings
 
 if TYPE_CHECKING:
@@ -61,6 +63,9 @@ Enqueue = Callable[[EmbedBatch], str]
 QueueDepth = Callable[[], int]
 #: Told which instances (study UID, SOP UID) were spooled: pipeline.studies.Studies.arrived.
 Arrived = Callable[[Sequence[tuple[str, str]]], None]
+#: Told each conversion's outcome (converted, skipped, failed) and its seconds from submission
+#: to the pool to its result: pipeline.stage_metrics.ListenerMetrics.converted (no I/O).
+Converted = Callable[[str, float], None]
 
 
 @dataclass
@@ -95,11 +100,16 @@ class Dispatcher:
         report: Callable[[dict[str, object]], None] | None = None,
         arrived: Arrived | None = None,
         forget: Callable[[list[str]], int] = lambda _uids: 0,
+        requested: Callable[[], list[str]] | None = None,
+        converted: Converted = lambda _outcome, _seconds: None,
     ) -> None:
         self.report = report
+        self.converted = converted
+        self.requested = requested
         self.arrived = arrived
         self.forget = forget
-        self._arriving: dict[Path, tuple[str, str | None]] = {}  # path -> (digest, study UID)
+        #: path -> (digest, study UID, written by a C-STORE just now)
+        self._arriving: dict[Path, tuple[str, str | None, bool]] = {}
         self._arrivals: list[tuple[str, str]] = []  # read, not yet told (kept over an outage)
         self.spool = spool
         self.ledger = ledger
@@ -107,10 +117,11 @@ class Dispatcher:
         self.queue_depth = queue_depth
         self.options = options
         self.limits = limits
-        self.inbox: queue.Queue[Path] = queue.Queue()
+        self.inbox: queue.Queue[tuple[Path, bool]] = queue.Queue()
         self._waiting: deque[Path] = deque()  # taken from the inbox, marked spooled
         self._pending: dict[str, _Series] = {}
         self._futures: dict[cf.Future[ConvertedImage], Path] = {}
+        self._submitted: dict[cf.Future[ConvertedImage], float] = {}  # when (monotonic)
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._failing_since: float | None = None
@@ -126,9 +137,20 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
     # -- called from other threads -------------------------------------------------------------
-    def submit(self, path: Path) -> None:
+    def submit(self, path: Path, *, received: bool = False) -> None:
+        """Hand on a spooled instance; ``received``: a copy a C-STORE just wrote (not one found
+        in the spool by reconciliation or an operator's requeue)."""
         self._idle.clear()
-        self.inbox.put(path)
+        self.inbox.put((path, received))
+
+    def held(self) -> set[str]:
+        """SOP UIDs somewhere in this dispatcher (read, waiting, converting, in a batch being
+        filled): not stuck, whatever the ledger says (``reconcile.Sweeper``)."""
+        paths = [*list(self._arriving), *list(self._waiting), *list(self._futures.values())]
+        pending = [
+            item.image.sop_instance_uid for s in list(self._pending.values()) for item in s.items
+        ]
+        return {Spool.uid_of(path) for path in paths} | set(pending)
 
     def backlog(self) -> int:
         """Instances accepted but not yet handed to the queue."""
@@ -167,6 +189,7 @@ class Dispatcher:
                 self.report(self.health())
                 reported = time.monotonic()
             try:
+                self._requeue()
                 self._take()
                 self._announce()
                 self._fill()
@@ -182,6 +205,43 @@ class Dispatcher:
                     self._failing_since = time.monotonic()
                 self._stop.wait(1.0)
 
+    def _requeue(self) -> None:
+        """Submit the instances an operator asked for again (pipeline/requeue.py): from the
+        spool, or moved back from quarantine. One whose file is on neither is logged and
+        dropped (its failure stands)."""
+        if self.requested is None:
+            return
+        for uid in self.requested():
+            try:
+                path = self._restore(uid)
+            except OSError as exc:
+                log.warning("requeue.failed", sop_instance_uid=uid, error=type(exc).__name__)
+                continue
+            if path is None:
+                log.warning("requeue.missing", sop_instance_uid=uid)
+                continue
+            log.info("requeue.resubmitted", sop_instance_uid=uid)
+            self.submit(path)
+
+    def _restore(self, uid: str) -> Path | None:
+        """The instance's spool file, moved back there from quarantine if need be (the copy
+        first, then its note: it is never in neither place); None if there is none."""
+        path = self.spool.path_for(uid)
+        if path.is_file():
+            return path
+        quarantined = self.spool.quarantine_root / path.name
+        if not quarantined.is_file():
+            return None
+        os.replace(quarantined, path)
+        for directory in (path.parent, self.spool.quarantine_root):
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.spool.release(uid)  # the quarantine note
+        return path
+
     def _take(self) -> None:
         """Record what the handlers submitted: ``spooled`` in the ledger with the digest of its
         bytes, and its arrival in its study (``_announce``).
@@ -194,10 +254,11 @@ class Dispatcher:
         """
         while True:
             try:
-                path = self.inbox.get_nowait()
+                path, received = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            self._arriving[path] = read_arrival(path)
+            received = received or self._arriving.get(path, ("", None, False))[2]
+            self._arriving[path] = (*read_arrival(path), received)
         if not self._arriving:
             return
         paths = list(self._arriving)
@@ -207,11 +268,15 @@ class Dispatcher:
         keep: dict[Path, str] = {}
         corrected: list[str] = []
         for path, uid, before, done in zip(paths, uids, previous, settled, strict=True):
-            digest, study = self._arriving[path]
+            digest, study, received = self._arriving[path]
             if before == digest and done:
-                path.unlink(missing_ok=True)
-                self.ledger.count("resends")
-                log.info("store.resend_identical", sop_instance_uid=uid)
+                # Final already, with these very bytes: nothing to redo. A copy a C-STORE just
+                # wrote is an identical resend after retention deleted the first: it goes too.
+                # The spool's own copy (reconciliation, a requeue) stays where it is.
+                if received:
+                    path.unlink(missing_ok=True)
+                    self.ledger.count("resends")
+                    log.info("store.resend_identical", sop_instance_uid=uid)
                 continue
             if before is not None and before != digest:
                 corrected.append(uid)
@@ -245,7 +310,9 @@ class Dispatcher:
             self._waiting.extendleft(reversed(started))
             raise
         for path in started:
-            self._futures[self._pool.submit(convert_file, path, self.options)] = path
+            future = self._pool.submit(convert_file, path, self.options)
+            self._futures[future] = path
+            self._submitted[future] = time.monotonic()
 
     def _collect(self, timeout: float) -> None:
         if not self._futures:
@@ -254,34 +321,38 @@ class Dispatcher:
         done, _ = cf.wait(list(self._futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
         for future in done:
             path = self._futures.pop(future)
+            submitted = self._submitted.pop(future, time.monotonic())
             try:
-                self._settle(path, future)
+                outcome = self._settle(path, future)
             except Exception:
                 # Redis unreachable mid-way: convert this one again later rather than hold a
                 # result whose ledger entry may be missing. The loop backs off on the raise.
                 self._waiting.append(path)
                 raise
+            self.converted(outcome, time.monotonic() - submitted)
 
-    def _settle(self, path: Path, future: cf.Future[ConvertedImage]) -> None:
+    def _settle(self, path: Path, future: cf.Future[ConvertedImage]) -> str:
+        """Record a conversion's result; returns its outcome: converted, skipped or failed."""
         sop_uid = Spool.uid_of(path)
         try:
             image = future.result()
         except SkippedError as exc:
             self.ledger.skipped(sop_uid, str(exc))
             log.info("convert.skipped", sop_instance_uid=sop_uid, reason=str(exc))
-            return
+            return "skipped"
         except ConversionError as exc:
             self._quarantine(sop_uid, path, str(exc), exc.detail)
-            return
+            return "failed"
         except Exception as exc:  # a crashed pool process, a bug: quarantine, never lose silently
             self._quarantine(sop_uid, path, "conversion crashed", f"{type(exc).__name__}: {exc}")
-            return
+            return "failed"
         record = image.images[0]
         fields = {**record.instance_fields(), "decoder": image.decoder}
         self.ledger.converted(sop_uid, fields, image.frames)
         series = self._pending.setdefault(record.series_instance_uid, _Series())
         series.last_seen = time.monotonic()
         series.items.extend(items_of(image))
+        return "converted"
 
     def _quarantine(self, sop_uid: str, path: Path, reason: str, detail: str = "") -> None:
         # The detail is a library's text (decoder errors); it goes to Redis and the log, so any
@@ -334,9 +405,8 @@ def read_arrival(path: Path) -> tuple[str, str | None]:
     except OSError:
         return "", None  # gone (a resend settled it): conversion reports it
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    try:
-        tags = ["StudyInstanceUID", *PHI_KEYWORDS]  # the UID is checked as conversion checks it
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=tags, force=True)
-        return digest, checked_uid(ds, "StudyInstanceUID", "Study Instance UID")
+    try:  # bounded, as the C-STORE handler reads: a deflate bomb is not inflated here
+        header = peek_study(data)
+        return digest, checked_uid(header, "StudyInstanceUID", "Study Instance UID")
     except Exception:  # unreadable or unsafe: conversion quarantines it and says why
         return digest, None

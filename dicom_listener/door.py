@@ -13,7 +13,8 @@ reopened forever. So (docs/architecture.md §4):
 - connections are counted per peer address from accept to close; past
   ``max_connections_per_peer`` a new one is closed at once.
 
-Every refusal is logged with the address and counts, and recorded in the intake log.
+Every refusal is logged with the address and counts, and recorded in the intake log. The
+associations holding slots are what /status ``associations`` lists (:meth:`Doorman.held`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_listener.handlers import end_request_wait, refuse_connection
 from pipeline.errors import ConfigError
-from pipeline.intake import IntakeLog
+from pipeline.intake import IntakeLog, printable
 from pipeline.sections import ListenerSettings
 
 log = structlog.get_logger(__name__)
@@ -81,7 +82,7 @@ class Doorman:
         self.max_associations = lsn.max_associations
         self._lock = threading.Lock()
         self._connections: Counter[str] = Counter()
-        self._associations: set[Association] = set()
+        self._associations: dict[Association, _Held] = {}
 
     def admit(self, address: str) -> tuple[bool, int]:
         """Count a connection from ``address`` unless it already has its maximum; with the
@@ -103,12 +104,38 @@ class Doorman:
         with self._lock:
             if len(self._associations) >= self.max_associations:
                 return False, len(self._associations)
-            self._associations.add(assoc)
+            self._associations[assoc] = _Held(time.time())
             return True, len(self._associations)
 
     def release(self, assoc: Association) -> None:
         with self._lock:
-            self._associations.discard(assoc)
+            self._associations.pop(assoc, None)
+
+    def stored(self, assoc: Association) -> None:
+        """One more instance stored on this association."""
+        with self._lock:
+            held = self._associations.get(assoc)
+            if held is not None:
+                held.instances += 1
+
+    def held(self) -> list[dict[str, object]]:
+        """The associations holding slots, oldest first: calling AE title, peer address, since
+        (unix seconds) and instances stored on each (for the listener's health report)."""
+        with self._lock:
+            rows = list(self._associations.items())
+        out: list[dict[str, object]] = []
+        for assoc, held in sorted(rows, key=lambda row: row[1].since):
+            request = assoc.requestor.primitive
+            calling = request.calling_ae_title if request is not None else ""
+            out.append(
+                {
+                    "calling_ae": printable(calling, 16),
+                    "address": printable(str(assoc.requestor.address)),
+                    "since": round(held.since, 3),
+                    "instances": held.instances,
+                }
+            )
+        return out
 
     def connections(self, address: str) -> int:
         with self._lock:
@@ -266,6 +293,14 @@ class _WholeConnection(RequestHandler):
             else:
                 reason = "no decodable association request"
             server.refuse(reason, address, connections=server.doorman.connections(address))
+
+
+@dataclass
+class _Held:
+    """An association holding a slot: since when, and how many instances it stored."""
+
+    since: float
+    instances: int = 0
 
 
 @dataclass

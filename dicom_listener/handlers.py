@@ -37,6 +37,7 @@ from dicom_listener.status import (
 from pipeline.intake import Event as IntakeEvent
 from pipeline.intake import IntakeLog, Kind, printable
 from pipeline.phi import carries_phi, phi_values
+from pipeline.stage_metrics import ListenerMetrics
 from pipeline.uids import is_valid_uid, loggable, unsafe_reason
 
 log = structlog.get_logger(__name__)
@@ -207,10 +208,15 @@ def handle_echo(event: Event) -> int:
     return int(Status.SUCCESS)
 
 
-def handle_accepted(event: Event, intake: IntakeLog) -> None:
-    """EVT_ACCEPTED: who connected, and each presentation context we could not accept."""
+def handle_accepted(
+    event: Event, intake: IntakeLog, metrics: ListenerMetrics | None = None
+) -> None:
+    """EVT_ACCEPTED: who connected, and each presentation context we could not accept; counted
+    in ``metrics`` (in memory: the listener flushes it)."""
     peer = _peer(event.assoc)
     log.info("association.accepted", **peer)
+    if metrics is not None:
+        metrics.accepted()
     for cx in event.assoc.rejected_contexts:
         reason = CONTEXT_RESULTS.get(int(cx.result or 0), f"result {cx.result}")
         abstract = loggable(str(cx.abstract_syntax))

@@ -24,7 +24,7 @@ from pipeline.phi import PHI_KEYWORDS
 #: Inflated bytes the handler looks at; group 0008 comes first in every data set.
 INFLATE_LIMIT = 1 << 16
 
-_SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
+_SOP_CLASS, _SOP_INSTANCE, _STUDY_INSTANCE = 0x00080016, 0x00080018, 0x0020000D
 #: The last patient element :data:`pipeline.phi.PHI_KEYWORDS` names (Patient's Telephone Numbers).
 _PATIENT_END = 0x00102154
 
@@ -56,7 +56,14 @@ def peek_sop_uids(
     dataset: bytes | memoryview, transfer_syntax: str, *, patient: bool = False
 ) -> SopUids:
     """SOP Class and Instance UID of an encoded data set (no File Meta) in ``transfer_syntax``."""
-    last = _PATIENT_END if patient else _SOP_INSTANCE
+    ds = peek_header(dataset, transfer_syntax, _PATIENT_END if patient else _SOP_INSTANCE)
+    values = tuple(ds.get(k) for k in PHI_KEYWORDS) if patient else ()
+    return SopUids(_text(ds, _SOP_CLASS), _text(ds, _SOP_INSTANCE), values)
+
+
+def peek_header(dataset: bytes | memoryview, transfer_syntax: str, last: int) -> Dataset:
+    """The elements of an encoded data set (no File Meta) up to tag ``last``, read within the
+    module's bounds; Unreadable when its start cannot be parsed."""
     syntax = UID(transfer_syntax)
     data: bytes | memoryview = dataset
     if syntax == DeflatedExplicitVRLittleEndian:
@@ -73,7 +80,27 @@ def peek_sop_uids(
                 is_little_endian=syntax.is_little_endian,
                 stop_when=lambda tag, _vr, _length: tag > last,
             )
-            values = tuple(ds.get(k) for k in PHI_KEYWORDS) if patient else ()
-            return SopUids(_text(ds, _SOP_CLASS), _text(ds, _SOP_INSTANCE), values)
+            for tag in list(ds.keys()):  # every value converted here, its warnings silenced
+                _ = ds[tag].value
+            return ds
     except Exception as exc:  # any parse failure: the sender gets 0xC000
         raise Unreadable(f"data set cannot be parsed ({type(exc).__name__})") from exc
+
+
+#: The Part 10 preamble and prefix, and the File Meta group length element that follows them.
+_PREFIX, _GROUP_LENGTH = 132, 12
+
+
+def peek_study(part10: bytes) -> Dataset:
+    """The elements up to Study Instance UID of a spooled file (Part 10, as the listener writes
+    it: preamble, File Meta with its group length, then the data set), within the same bounds:
+    a Deflated data set is inflated only as far as :data:`INFLATE_LIMIT`."""
+    if part10[128:_PREFIX] != b"DICM":
+        raise Unreadable("not a Part 10 file")
+    meta_length = int.from_bytes(part10[_PREFIX + 8 : _PREFIX + _GROUP_LENGTH], "little")
+    start = _PREFIX + _GROUP_LENGTH + meta_length
+    meta = peek_header(part10[_PREFIX:start], "1.2.840.10008.1.2.1", 0x0002FFFF)
+    syntax = str(meta.get("TransferSyntaxUID", ""))
+    if not syntax:
+        raise Unreadable("File Meta without a transfer syntax")
+    return peek_header(memoryview(part10)[start:], syntax, _STUDY_INSTANCE)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
 import redis
 import structlog
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from rq import Queue
 
@@ -26,15 +30,18 @@ from dicom_listener.handlers import (
     handle_requested,
     handle_store,
 )
-from dicom_listener.reconcile import reconcile
+from dicom_listener.reconcile import Sweeper, reconcile
 from dicom_listener.sop_classes import accept_unknown, storage_sop_classes
 from dicom_listener.spool import Spool
+from dicom_listener.status import StoreStatus
 from pipeline import health
 from pipeline.convert import DECODABLE_TRANSFER_SYNTAXES, ConvertOptions
 from pipeline.intake import IntakeLog
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, enqueue_batch
 from pipeline.ledger import Ledger
+from pipeline.requeue import requested_instances
 from pipeline.settings import Settings
+from pipeline.stage_metrics import ListenerMetrics
 from pipeline.store import EmbeddingStore
 from pipeline.studies import Studies
 
@@ -43,6 +50,10 @@ log = structlog.get_logger(__name__)
 #: What we accept: every syntax the conversion decodes (uncompressed, deflated, big endian, JPEG,
 #: JPEG-LS, JPEG 2000, RLE), so nothing is accepted that would only be quarantined later.
 TRANSFER_SYNTAXES = list(DECODABLE_TRANSFER_SYNTAXES)
+
+#: How often queued instances are checked for a job that will never run (two checks in a row
+#: resubmit one: ``reconcile.Sweeper``).
+SWEEP_SECONDS = 10.0
 
 
 def _any_uid(_value: object) -> tuple[bool, str]:
@@ -92,16 +103,29 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+def data_set_bytes(event: Event) -> int:
+    """The length of a C-STORE's data set as received (0 when there is none in memory)."""
+    data = cast(C_STORE, event.request).DataSet
+    if not isinstance(data, BytesIO):
+        return 0
+    with data.getbuffer() as view:
+        return view.nbytes
+
+
 class Listener:
     """The listener host's processes-in-one: start() reconciles, then accepts associations."""
 
     def __init__(self, settings: Settings, connection: redis.Redis) -> None:
         self.settings = settings
         self.connection = connection
+        self._stopping = threading.Event()
         self.spool = Spool(settings.spool_dir, settings.quarantine_dir)
         self.ledger = Ledger(connection)
         self.intake = IntakeLog(connection)
         self.queue = Queue(EMBED_QUEUE, connection=connection)
+        #: C-STOREs, bytes, associations accepted, conversions: counted in memory, written to
+        #: Redis with each report (so an answer never waits for Redis) and at stop.
+        self.metrics = ListenerMetrics(connection)
         self.dispatcher = Dispatcher(
             spool=self.spool,
             ledger=self.ledger,
@@ -111,10 +135,14 @@ class Listener:
             limits=DispatchLimits.from_settings(settings),
             processes=settings.convert.processes,
             log_settings=(settings.log.level, settings.log.format),
-            report=lambda report: health.publish(connection, health.DISPATCHER, report),
+            report=self._report,
             arrived=Studies(connection, settings.study).arrived,
             forget=EmbeddingStore(connection, self.ledger).forget,
+            requested=lambda: requested_instances(connection),
+            converted=self.metrics.converted,
         )
+        self.doorman = Doorman(settings.listener)
+        self.started = time.time()
         self.gate = Gate(
             self.spool,
             self.dispatcher,
@@ -132,19 +160,69 @@ class Listener:
     def _submit(self, path: Path) -> None:
         self.dispatcher.submit(path)
 
+    def _received(self, path: Path) -> None:
+        self.dispatcher.submit(path, received=True)
+
+    def _store(self, event: Event) -> int:
+        """EVT_C_STORE: :func:`handle_store`, counting each instance stored per association,
+        and every answer by status with its data set's bytes (in memory)."""
+        status = handle_store(event, self.spool, self.gate, self._received, self.intake)
+        if status == StoreStatus.SUCCESS:
+            self.doorman.stored(event.assoc)
+        self.metrics.stored(status, data_set_bytes(event))
+        return status
+
+    def _report(self, report: dict[str, object]) -> None:
+        """Every few seconds, from the dispatcher's loop: its health, and this listener's open
+        associations (/status ``associations``) with when it started (``uptime_seconds``)."""
+        health.publish(self.connection, health.DISPATCHER, report)
+        listener = {"since": self.started, "associations": self.doorman.held(), "at": time.time()}
+        health.publish(self.connection, health.LISTENER, listener)
+        self.metrics.flush()
+
+    def _sweep(self) -> None:
+        """Every :data:`SWEEP_SECONDS`: resubmit queued instances whose job will never run (a
+        worker lost Redis mid-job, say), found stuck twice in a row (``reconcile.Sweeper``)."""
+        sweeper = Sweeper(self.spool, self.ledger, self.connection)
+        while not self._stopping.wait(SWEEP_SECONDS):
+            try:
+                sweeper.sweep(self.dispatcher.held, self._submit)
+            except redis.RedisError as exc:
+                log.debug("reconcile.sweep_failed", error=type(exc).__name__)
+
+    def _reconcile(self) -> None:
+        """Reconciliation that found Redis away at start, retried until it answers; meanwhile
+        the listener accepts and spools (acknowledged means durable, not recorded). A path it
+        submits that a C-STORE submitted too is converted twice: idempotent."""
+        pause = 0.5
+        while True:
+            time.sleep(pause)
+            try:
+                reconcile(self.spool, self.ledger, self.connection, self._submit, clean=False)
+                return
+            except redis.RedisError as exc:
+                log.warning("reconcile.waiting_for_redis", error=type(exc).__name__)
+                pause = min(pause * 2, 10.0)
+
     def start(self) -> None:
         lsn = self.settings.listener
         ports: list[tuple[int, ssl.SSLContext | None]] = [(lsn.port, None)]
         if lsn.tls_port is not None:
             ports.append((lsn.tls_port, tls_context(lsn)))  # unusable files: fail before anything
-        reconcile(self.spool, self.ledger, self.connection, self._submit)
+        removed = self.spool.clean_tmp()  # before any C-STORE can be writing there
+        try:
+            reconcile(self.spool, self.ledger, self.connection, self._submit, clean=False)
+            reconciled = True
+        except redis.RedisError as exc:  # accept and spool anyway; reconcile once Redis is back
+            log.warning("reconcile.waiting_for_redis", error=type(exc).__name__)
+            reconciled = False
         self.dispatcher.start()
-        doorman = Doorman(lsn)
+        doorman = self.doorman
         handlers: list[Any] = [
-            (evt.EVT_C_STORE, handle_store, [self.spool, self.gate, self._submit, self.intake]),
+            (evt.EVT_C_STORE, self._store),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_REQUESTED, handle_requested, [doorman, self.intake]),
-            (evt.EVT_ACCEPTED, handle_accepted, [self.intake]),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.intake, self.metrics]),
             (evt.EVT_REJECTED, handle_rejected, [self.intake]),
             (evt.EVT_RELEASED, handle_released),
             (evt.EVT_ABORTED, handle_released),
@@ -167,6 +245,11 @@ class Listener:
             threading.Thread(
                 target=server.serve_forever, name=f"DicomListener@{port}", daemon=True
             ).start()
+        if not reconciled:
+            threading.Thread(target=self._reconcile, name="reconcile", daemon=True).start()
+        threading.Thread(target=self._sweep, name="sweeper", daemon=True).start()
+        if removed:
+            log.info("reconcile.partial_writes_removed", files=removed)
         log.info(
             "listener.started",
             ae_title=lsn.ae_title,
@@ -177,7 +260,9 @@ class Listener:
         )
 
     def stop(self) -> None:
+        self._stopping.set()
         while self.servers:
             self.servers.pop().shutdown()
         self.dispatcher.stop()
+        self.metrics.flush()
         log.info("listener.stopped")

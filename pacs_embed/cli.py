@@ -11,10 +11,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pacs_embed import check_config, summary, verdict_commands
 from pacs_embed import run as run_command
-from pacs_embed import verdict_commands
 from pacs_embed.compose import Root
 from pacs_embed.processes import PARENT_PID_ENV
+from pacs_embed.progress import Progress
 from pipeline import logs
 from pipeline.convert import ConvertOptions, convert_file
 from pipeline.errors import ConfigError, ConversionError, SkippedError
@@ -33,7 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("admin", help="the admin HTTP endpoint")
     sub.add_parser("push", help="study completion, result pushes and spool retention")
     sub.add_parser("emulator", help="the local endpoint (NOT a medical model)")
-    sub.add_parser("status", help="print the /status document")
+    status_cmd = sub.add_parser("status", help="a summary of the /status document")
+    status_cmd.add_argument("--json", action="store_true", help="the whole document, as JSON")
+    check = sub.add_parser(
+        "check-config", help="validate the settings and print them, secrets masked"
+    )
+    check.add_argument("file", type=Path, nargs="?", help="TOML settings file (else --config)")
+    check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     convert = sub.add_parser("convert", help="one DICOM file -> PNG, the daemon's code path")
     convert.add_argument("input", type=Path)
     convert.add_argument("output", type=Path, help="OUT.png, or a directory for several frames")
@@ -42,9 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     emb_sub = embeddings.add_subparsers(dest="action", required=True)
     export = emb_sub.add_parser("export", help="everything stored, as .npz")
     export.add_argument("--out", type=Path, required=True)
-    requeue = sub.add_parser("requeue", help="push again: dead letters, or a study's results")
+    requeue = sub.add_parser(
+        "requeue", help="do again: push dead letters or a study's results, embed failed instances"
+    )
     requeue.add_argument("dead_letters", nargs="*", metavar="ID", help="dead letter ids")
     requeue.add_argument("--study", action="append", default=[], metavar="UID")
+    requeue.add_argument(
+        "--instance", action="append", default=[], metavar="UID", help="a failed instance"
+    )
     purge = sub.add_parser("purge", help="delete quarantined instances")
     purge.add_argument("--older-than-days", type=float, default=0.0, metavar="N")
     verdict_commands.add_parsers(sub)  # reference import|export|list, search
@@ -56,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if parent:
         die_with_parent(int(parent))
     args = _parser().parse_args(argv)
+    if args.command == "check-config":  # reports invalid settings itself; builds nothing
+        return check_config.run(args.file or args.config, as_json=args.json)
     try:
         settings = Settings.load(args.config)
     except ConfigError as exc:
@@ -108,16 +122,32 @@ def push(_args: argparse.Namespace, root: Root) -> int:
 
 
 def requeue(args: argparse.Namespace, root: Root) -> int:
-    from pipeline.requeue import NothingToRequeue, requeue_dead_letter, requeue_study
+    from pipeline.requeue import (
+        NothingToRequeue,
+        requeue_dead_letter,
+        requeue_instance,
+        requeue_study,
+    )
 
-    if not args.dead_letters and not args.study:
-        print("pacs-embed requeue: name dead letter ids or --study UID", file=sys.stderr)
+    if not (args.dead_letters or args.study or args.instance):
+        print(
+            "pacs-embed requeue: name dead letter ids, --study UID or --instance UID",
+            file=sys.stderr,
+        )
         return 2
     missing = 0
-    for name in [*args.dead_letters, *args.study]:
+    named = [
+        *(("dead_letter", name) for name in args.dead_letters),
+        *(("study", name) for name in args.study),
+        *(("instance", name) for name in args.instance),
+    ]
+    for kind, name in named:
         try:
-            if name in args.study:
+            if kind == "study":
                 job_ids = requeue_study(root.redis, root.studies, root.sinks, name)
+            elif kind == "instance":
+                requeue_instance(root.redis, root.ledger, name)
+                job_ids = ["handed to the listener"]
             else:
                 job_ids = [requeue_dead_letter(root.redis, name)]
         except NothingToRequeue as exc:
@@ -147,8 +177,13 @@ def emulator(_args: argparse.Namespace, root: Root) -> int:
     return 0
 
 
-def status(_args: argparse.Namespace, root: Root) -> int:
-    print(json.dumps(root.status(), indent=2, default=str))
+def status(args: argparse.Namespace, root: Root) -> int:
+    """A readable summary of the /status document; ``--json``: the document itself."""
+    doc = root.status()
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(summary.render(doc), end="")
     return 0
 
 
@@ -173,7 +208,10 @@ def convert(args: argparse.Namespace, root: Root) -> int:
 
 
 def embeddings(args: argparse.Namespace, root: Root) -> int:
-    count = root.store.export(args.out)  # the only action: export
+    with Progress(f"exporting to {args.out}") as progress:  # on a terminal only
+        count = root.store.export(
+            args.out, lambda phase, done, total: progress.update(done, total, f"export: {phase}")
+        )  # the only action: export
     print(f"exported {count} embeddings to {args.out}")
     return 0
 

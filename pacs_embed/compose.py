@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from dicom_listener.server import Listener
     from dicom_listener.spool import Spool
     from emulator.server import EmulatorServer
+    from pipeline.admin.probe import EndpointProbe
     from pipeline.admin.routes import AdminState
     from pipeline.admin.server import AdminServer
     from pipeline.deadletters import DeadLetters
@@ -146,9 +147,12 @@ class Root:
 
     @cached_property
     def embed_service(self) -> EmbedService:
+        from pipeline.stage_metrics import StageMetrics
         from workers.service import EmbedService
 
-        return EmbedService(self.client, self.store, self.ledger, self.detector)
+        return EmbedService(
+            self.client, self.store, self.ledger, self.detector, metrics=StageMetrics(self.redis)
+        )
 
     def work(self, *, burst: bool = False) -> None:
         """Serve embed jobs in this process until stopped (``workers.main``)."""
@@ -205,6 +209,7 @@ class Root:
         from pipeline.sinks.dicom import DicomSink
         from pipeline.sinks.dicomweb import DicomWebSink
         from pipeline.sinks.webhook import WebhookSink
+        from pipeline.stage_metrics import StageMetrics
         from workers.push import DICOM, DICOMWEB, DatasetSink, PushService
 
         s = self.settings
@@ -234,6 +239,7 @@ class Root:
             ),
             include_vectors=s.sinks.webhook.include_vectors,
             delivered=self._delivered,
+            metrics=StageMetrics(self.redis),
         )
 
     def _delivered(self, study: str, version: int) -> None:
@@ -257,6 +263,7 @@ class Root:
             service.sinks,
             final=self._delivered,
             housekeeping=self.retention.clean,
+            metrics=service.metrics,
         )
         run_pusher(self.redis, service, completer)
 
@@ -284,6 +291,7 @@ class Root:
     def admin_state(self) -> AdminState:
         from pipeline.admin.routes import AdminState
         from pipeline.metrics import IntakeCollector
+        from pipeline.stage_metrics import StageCollector
 
         s = self.settings
         return AdminState(
@@ -294,7 +302,14 @@ class Root:
             cohort_rule=self.cohort_rule,
             spool_dir=s.spool_dir,
             quarantine_dir=s.quarantine_dir,
-            collectors=(self.fleet_metrics, IntakeCollector(self.redis)),
+            collectors=(
+                self.fleet_metrics,
+                IntakeCollector(self.redis),
+                StageCollector(self.redis, s.spool_dir),
+            ),
+            sinks=self.sinks,
+            min_free_bytes=s.listener.min_free_disk_mb * 1024 * 1024,
+            endpoint_probe=endpoint_probe(s),
         )
 
     @cached_property
@@ -406,6 +421,20 @@ def build_client(
 def emulator_base_url(settings: Settings) -> str:
     emu = settings.emulator
     return f"http://{emu.host}:{emu.port}"
+
+
+def endpoint_probe(settings: Settings) -> EndpointProbe | None:
+    """/readyz's endpoint check: the local emulator's /healthz when the endpoint is the one
+    :func:`local_emulator` names, else a HEAD of the scoring URI; None without an endpoint."""
+    from pipeline.admin.probe import EndpointProbe
+
+    url = settings.endpoint.url
+    if not url:
+        return None
+    base = emulator_base_url(settings)
+    if url == f"{base}/score":
+        return EndpointProbe.local_emulator(base)
+    return EndpointProbe.scoring_uri(url)
 
 
 def local_emulator(settings: Settings) -> dict[str, dict[str, Any]]:

@@ -78,7 +78,7 @@ class PrivateRedis:
             "--appendonly",
             "yes",
             "--appendfsync",
-            "everysec",
+            "always",  # a state change acknowledged is on disk: a kill -9 loses none of them
             "--save",
             "",
             "--pidfile",

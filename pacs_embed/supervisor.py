@@ -1,11 +1,12 @@
 """Keep a set of child processes running: restart any that dies, with a growing pause.
 
-Each child is a role (``redis``, ``emulator``, ``listener``, ``admin``, ``worker-1``…) and a
-way to start it. A child that dies — a crash, an out-of-memory kill, a ``kill -9`` — is started
-again after :data:`FIRST_PAUSE_SECONDS`, doubling for each death that follows a short life, up to
-:data:`MAX_PAUSE_SECONDS`; a child that lived :data:`STABLE_SECONDS` starts over at the first
-pause. So one death costs a second, and a child that cannot start (a port taken, a bad
-certificate) is retried at a pace that does not flood the log. The supervisor itself is meant to
+Each child is a role (``redis``, ``emulator``, ``listener``, ``admin``, ``push``,
+``worker-1``…) and a way to start it. A child that dies — a crash, an out-of-memory kill, a
+``kill -9`` — is started again after :data:`FIRST_PAUSE_SECONDS`. A child that exits on its own
+soon after it started (a port taken, a bad certificate) is retried at a pause doubling up to
+:data:`MAX_PAUSE_SECONDS`, so a crash loop does not flood the log; one killed by a signal, or
+that lived :data:`STABLE_SECONDS`, starts over at the first pause: a process killed from outside
+was not failing, and making it wait longer only keeps senders out. The supervisor itself is meant to
 be run by systemd or a container runtime, which restart it in turn.
 
 Restarts happen on the thread that calls :meth:`Supervisor.watch` (the main thread), because
@@ -84,7 +85,11 @@ class Supervisor:
         if proc is None or proc.poll() is None:
             return
         lived = now - child.started_at
-        child.short_lives = 0 if lived >= STABLE_SECONDS else child.short_lives + 1
+        killed = proc.returncode < 0  # by a signal: the OOM killer, an operator, not a crash
+        if lived >= STABLE_SECONDS or killed:
+            child.short_lives = 0
+        else:
+            child.short_lives += 1
         pause = min(MAX_PAUSE_SECONDS, FIRST_PAUSE_SECONDS * 2 ** max(0, child.short_lives - 1))
         child.restart_at = now + pause
         log.error(

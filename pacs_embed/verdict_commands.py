@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_embed.compose import Root, with_local_endpoint
+from pacs_embed.progress import Progress
 from pipeline.convert import ConvertOptions, convert_file
 from pipeline.detect import transfer
 from pipeline.detect.search import nearest
@@ -47,7 +48,11 @@ def reference(args: argparse.Namespace, root: Root) -> int:
     if args.action == "import":
         try:
             groups = transfer.read_reference_file(args.file, root.cohort_rule, args.cohort)
-            imported = transfer.import_references(store, groups)
+            imported = []
+            with Progress("importing cohorts", len(groups)) as progress:  # on a terminal only
+                for n, (cohort, group) in enumerate(groups.items(), 1):
+                    imported += transfer.import_references(store, {cohort: group})
+                    progress.update(n)
         except ValueError as exc:
             raise ConfigError(f"{args.file}: {exc}") from exc
         for done in imported:
@@ -66,7 +71,13 @@ def reference(args: argparse.Namespace, root: Root) -> int:
             print(f"{cohort}\t{snap.size}\t{snap.state}\tversion {snap.version}")
         return 0
     chosen = [root.cohort_rule.parse(c) for c in args.cohort] if args.cohort else cohorts
-    count = transfer.write_reference_file(args.out, [store.snapshot(c) for c in chosen])
+    snapshots = []
+    with Progress("reading cohorts", len(chosen)) as progress:  # on a terminal only
+        for cohort in chosen:
+            snapshots.append(store.snapshot(cohort))
+            progress.advance()
+        progress.update(len(chosen), label=f"writing {args.out}")
+        count = transfer.write_reference_file(args.out, snapshots)
     print(f"exported {count} reference vectors of {len(chosen)} cohort(s) to {args.out}")
     return 0
 

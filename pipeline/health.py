@@ -20,10 +20,11 @@ from pipeline.keys import health_key, text
 log = structlog.get_logger(__name__)
 
 #: The components that report: each listener's dispatcher loop, each embed worker and each push
-#: worker (their janitors).
+#: worker (their janitors), and each listener (its open associations, with the dispatcher's).
 DISPATCHER = "dispatcher"
 WORKER = "worker"
 PUSHER = "pusher"
+LISTENER = "listener"
 
 #: How long a report stands without being renewed: a few publish intervals.
 TTL_SECONDS = 15

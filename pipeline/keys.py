@@ -36,9 +36,10 @@ read by /status and /metrics. Permanent (the list is capped at 100 events)::
     pe:intake:recent                 list    json events, newest first
 
 Process health (pipeline/health.py). Written every few seconds by each listener's dispatcher
-(component ``dispatcher``, expires 15 s after the last renewal) and every second by each
-worker's janitor (component ``worker``: state and current job; expires after 5 s, and a worker
-without one is dead, its job requeued: workers/janitor.py); read by /status and /readyz::
+(components ``dispatcher``, and ``listener``: its open associations; expire 15 s after the last
+renewal) and every second by each worker's janitor (component ``worker``: state and current job;
+expires after 5 s, and a worker without one is dead, its job requeued: workers/janitor.py); read
+by /status and /readyz::
 
     pe:health:*:*                    string  [component]:[host:pid] json report
 
@@ -74,6 +75,12 @@ Permanent::
     pe:deadletter                    hash    push job id -> json {sink, study_instance_uid,
                                              version, reason, at}
     pe:deadletter:recent             zset    push job id -> time dead-lettered
+
+Requeued instances (pipeline/requeue.py): failed instances an operator asked to be converted and
+embedded again (``pacs-embed requeue --instance``, POST /requeue). Written by either, drained
+by the listeners' dispatchers within a second::
+
+    pe:requeue:instances             list    SOP UIDs, oldest first
 
 Embeddings store (pipeline/store.py). Written by the workers (a vector, its verdict and its
 series sum in one MULTI; a verdict revised by a reference trim); read by ``pacs-embed embeddings
@@ -112,9 +119,14 @@ permanent but safe to delete (the prompts are fetched again)::
     pe:text:*                        hash    [endpoint identity] prompt text -> float32 vector,
                                              "__scaling_factor__" -> the model's temperature
 
-Endpoint metrics (pipeline/metrics.py). Written by every worker's endpoint client, read by the
-admin's /metrics. The hash is permanent (deleting it resets the counters, as a restart would);
-the 10-second image counters expire after 300 s::
+Fleet metrics (pipeline/metrics.py, pipeline/stage_metrics.py). Written by every worker's
+endpoint client (requests, retries, request_seconds, slot_wait_seconds, request_bytes, images),
+each listener every few seconds (cstore|status, received_bytes, associations|outcome=accepted,
+conversions|outcome, conversion_seconds), the embed workers (flags|kind) and the push service
+(study_completion_seconds); read by the admin's /metrics. Histograms are ``<name>|le=<bound>``
+per bucket plus ``<name>|sum``. The hash is permanent (deleting it resets the counters, as a
+restart would); the 10-second image counters expire after 3700 s (the admin page charts the
+last hour)::
 
     pe:metrics                       hash    "<name>" or "<name>|<label>=<value>" -> number
     pe:metrics:images:*              string  [unix time // 10] images embedded in those 10 s
@@ -212,6 +224,9 @@ RETENTION = _key("retention")
 DEAD_LETTERS = _key("deadletter")
 DEAD_LETTERS_RECENT = _key("deadletter", "recent")
 
+# -- requeued instances (pipeline/requeue.py) ------------------------------------------------
+REQUEUE_INSTANCES = _key("requeue", "instances")
+
 
 # -- embeddings store (pipeline/store.py) ----------------------------------------------------
 EMB_VECTORS = _key("emb", "vec")
@@ -267,7 +282,7 @@ def wake_key(leases_key: str) -> str:
 INFLIGHT_PATTERN = _key("endpoint", "inflight", "*")
 
 
-# -- endpoint metrics (pipeline/metrics.py) --------------------------------------------------
+# -- fleet metrics (pipeline/metrics.py, pipeline/stage_metrics.py) --------------------------
 METRICS = _key("metrics")
 
 
@@ -306,6 +321,7 @@ NAMESPACE: tuple[Key, ...] = (
     Key(RETENTION, "zset", "dicom_listener.retention"),
     Key(DEAD_LETTERS, "hash", "pipeline.deadletters"),
     Key(DEAD_LETTERS_RECENT, "zset", "pipeline.deadletters"),
+    Key(REQUEUE_INSTANCES, "list", "pipeline.requeue"),
     Key(EMB_VECTORS, "hash", _STORE),
     Key(EMB_META, "hash", _STORE),
     Key(VERDICTS, "hash", _STORE),

@@ -11,8 +11,9 @@ queue, or being embedded. A resend of a failed (quarantined) instance starts aga
 ``spooled``, so a corrected resend clears the stale failure.
 
 The spool on the listener host is the truth about *what was received*; the ledger is the truth
-about *how far each instance got*. Losing the ledger's last second (Redis AOF fsyncs every second)
-only means redoing idempotent work, never losing an instance. Values are UIDs, the few non-PHI
+about *how far each instance got*. The private Redis of `pacs-embed run` fsyncs its AOF before
+every answer; a Redis run with ``appendfsync everysec`` may lose its last second in a machine
+crash, which only means redoing idempotent work, never losing an instance. Values are UIDs, the few non-PHI
 header fields the workers need, and reasons: no PHI. The keys are listed in pipeline/keys.py.
 """
 
@@ -88,7 +89,10 @@ class Skip:
 
 
 def _enter(pipe: Any, uids: list[str], state: State, value: str | None = None) -> None:
-    """Queue the commands that move ``uids`` into ``state`` (out of every other one)."""
+    """Queue the commands that move ``uids`` into ``state`` (out of every other one). Every
+    transition also (re)adds them to ``received``, so an instance whose first write a Redis
+    crash lost is counted again by the next."""
+    pipe.sadd(keys.RECEIVED, *uids)
     for other, key in _STATE_KEYS.items():
         if other == state:
             continue
@@ -116,7 +120,6 @@ class Ledger:
         uids = list(sop_uids)
         if uids:
             with self.redis.pipeline() as pipe:
-                pipe.sadd(keys.RECEIVED, *uids)
                 _enter(pipe, uids, State.SPOOLED)
                 for uid, digest in (digests or {}).items():
                     pipe.hset(keys.instance_key(uid), "digest", digest)

@@ -8,7 +8,9 @@ Redis flush resets them, which Prometheus' ``rate()`` handles like a process res
 
 Hash fields are ``name`` or ``name|label=value``; histogram buckets are stored per bucket (not
 cumulative) as ``<name>|le=<bound>`` plus ``<name>|sum``. Images per second over the last
-minute come from 10-second counters that expire on their own.
+minute, and the admin page's images per minute over the last hour (:func:`images_per_minute`),
+come from 10-second counters that expire on their own after a little over an hour.
+``FleetCollector.summary`` is the same numbers as one JSON-able dict, for /status ``endpoint``.
 
     pacs_embed_endpoint_requests_total{status}      HTTP attempts by status ("timeout", ...)
     pacs_embed_endpoint_retries_total{reason}       retries the client made, by reason
@@ -48,7 +50,7 @@ log = structlog.get_logger(__name__)
 #: The 10-second image counters behind images/s (keys.images_rate_key).
 RATE_BUCKET_SECONDS = 10
 RATE_WINDOW_BUCKETS = 6  # one minute, not counting the bucket still filling
-RATE_KEY_TTL_SECONDS = 300
+RATE_KEY_TTL_SECONDS = 3700  # an hour for the admin page's chart, and a bucket's margin
 
 #: Upper bounds (s) of the latency buckets: loopback emulator to Azure's 180 s request timeout.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0)
@@ -197,6 +199,54 @@ class FleetCollector(Collector):
                 value=self._limit,
             )
 
+    def summary(self) -> dict[str, Any]:
+        """/status ``endpoint``: attempts and errors (any status but 2xx, transport errors
+        included) since the counters began, the error rate over them, latency (mean, and the
+        bucket bounds under which half and 95 % of attempts finished), retries, requests in
+        flight against the fleet-wide limit (None: no limit), images per second (last minute)."""
+        raw: dict[bytes, bytes] = self._redis.hgetall(METRICS)  # type: ignore[assignment]
+        fields = {key.decode(): float(value) for key, value in raw.items()}
+        by_status = {
+            rest[len("status=") :]: int(value)
+            for field, value in sorted(fields.items())
+            for head, _, rest in [field.partition("|")]
+            if head == "requests" and rest.startswith("status=")
+        }
+        requests = sum(by_status.values())
+        errors = sum(n for status, n in by_status.items() if not status.startswith("2"))
+        retries = sum(
+            int(value) for field, value in fields.items() if field.startswith("retries|reason=")
+        )
+        return {
+            "requests": requests,
+            "errors": errors,
+            "error_rate": round(errors / requests, 4) if requests else 0.0,
+            "by_status": by_status,
+            "retries": retries,
+            "latency_seconds": self._latency(fields),
+            "in_flight": self._in_flight() if self._in_flight is not None else None,
+            "in_flight_limit": self._limit,
+            "images_per_second": round(self._images_per_second(), 3),
+        }
+
+    @staticmethod
+    def _latency(fields: dict[str, float]) -> dict[str, float | None]:
+        counts = [fields.get(f"request_seconds|le={b!r}", 0.0) for b in LATENCY_BUCKETS]
+        total = sum(counts) + fields.get("request_seconds|le=+Inf", 0.0)
+        if not total:
+            return {"mean": None, "p50": None, "p95": None}
+
+        def under(share: float) -> float | None:  # None: past the last bound
+            cumulative = 0.0
+            for bound, count in zip(LATENCY_BUCKETS, counts, strict=True):
+                cumulative += count
+                if cumulative >= share * total:
+                    return bound
+            return None
+
+        mean = fields.get("request_seconds|sum", 0.0) / total
+        return {"mean": round(mean, 4), "p50": under(0.5), "p95": under(0.95)}
+
     def _counters(self, fields: dict[str, float]) -> Iterator[Metric]:
         for name, (label, help_text) in _COUNTERS.items():
             family = CounterMetricFamily(
@@ -235,6 +285,18 @@ class FleetCollector(Collector):
         values = self._redis.mget(buckets)
         total = sum(int(v) for v in values if v is not None)
         return total / (RATE_WINDOW_BUCKETS * RATE_BUCKET_SECONDS)
+
+
+def images_per_minute(
+    connection: redis.Redis, minutes: int = 60, *, clock: Callable[[], float] = time.time
+) -> list[int]:
+    """Images embedded fleet-wide in each of the last ``minutes`` clock minutes, oldest first;
+    the last is the minute under way."""
+    per_minute = 60 // RATE_BUCKET_SECONDS
+    first = (int(clock()) // 60 - minutes + 1) * per_minute
+    values = connection.mget([images_rate_key(first + n) for n in range(minutes * per_minute)])
+    counts = [int(v) if v is not None else 0 for v in values]
+    return [sum(counts[m * per_minute : (m + 1) * per_minute]) for m in range(minutes)]
 
 
 class IntakeCollector(Collector):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -275,21 +275,25 @@ class EmbeddingStore:
             for key, raw in zip(keys, raws, strict=True)
         ]
 
-    def export(self, path: Path) -> int:
+    def export(self, path: Path, progress: ExportProgress | None = None) -> int:
         """Write everything to ``path`` (.npz), one row per image sorted by (SOP UID, frame):
         ``sop_instance_uids``, ``frame``, vectors, series and study UIDs, verdict columns
         (``cohort``, ``outlier``, ``p_value`` NaN while unscored, ``label_mismatch``, ``score``,
-        ``predicted_label``) and the series embeddings (``series_keys``, ``series_vectors``)."""
+        ``predicted_label``) and the series embeddings (``series_keys``, ``series_vectors``).
+        ``progress(phase, rows done, rows in all)`` is called after each chunk read."""
+        report = progress or _no_progress
+        total = self.count() if progress else 0
         keys: list[str] = []
         chunks: list[npt.NDArray[np.float32]] = []
         for part, matrix in self.vectors_in_chunks():
             keys.extend(part)
             chunks.append(matrix)
+            report("vectors", len(keys), max(total, len(keys)))
         ids = [parse_image_key(key) for key in keys]
         order = sorted(range(len(keys)), key=ids.__getitem__)
         keys = [keys[i] for i in order]
         vectors = np.concatenate(chunks)[order] if chunks else _matrix([])
-        columns = _columns(self, keys)
+        columns = _columns(self, keys, report)
         series = sorted(text(s) for s in self.redis.hkeys(SERIES_VECTORS))
         series_raw = self.redis.hmget(SERIES_VECTORS, series) if series else []
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,13 +310,24 @@ class EmbeddingStore:
         return len(keys)
 
 
-def _columns(store: EmbeddingStore, keys: list[str]) -> dict[str, npt.NDArray[Any]]:
+#: ``EmbeddingStore.export``'s progress callback: (phase, rows done, rows in all).
+ExportProgress = Callable[[str, int, int], None]
+
+
+def _no_progress(_phase: str, _done: int, _total: int) -> None:
+    pass
+
+
+def _columns(
+    store: EmbeddingStore, keys: list[str], progress: ExportProgress = _no_progress
+) -> dict[str, npt.NDArray[Any]]:
     records: list[ImageRecord | None] = []
     verdicts: list[InstanceVerdict | None] = []
     for start in range(0, len(keys), 1000):
         part = keys[start : start + 1000]
         records.extend(store.records(part))
         verdicts.extend(store.verdicts(part))
+        progress("records", len(records), len(keys))
     return {
         "series_instance_uids": np.array(
             [r.series_instance_uid if r else "" for r in records], dtype=str

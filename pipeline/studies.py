@@ -269,6 +269,18 @@ class Studies:
     def current_version(self, study: str) -> int:
         return int(self.redis.hget(keys.study_state_key(study), "version") or 0)
 
+    def version_times(self, study: str, version: int) -> tuple[float, float | None] | None:
+        """(last arrival, completion or None) of ``version``, in unix seconds, while it is the
+        study's current version; None once a newer version opened (its arrivals replace them)."""
+        current, last_ms, completed_version, completed_ms = self.redis.hmget(
+            keys.study_state_key(study), "version", "last_ms", "completed_version", "completed_ms"
+        )
+        if last_ms is None or int(current or 0) != version:
+            return None
+        if int(completed_version or 0) != version or completed_ms is None:
+            return int(last_ms) / 1000, None
+        return int(last_ms) / 1000, int(completed_ms) / 1000
+
     def progress(self, study: str, final: Sequence[bool] | None = None) -> StudyProgress | None:
         """One study's state; ``final`` (per member, sorted) when the caller has it."""
         raw = {text(k): text(v) for k, v in self.redis.hgetall(keys.study_state_key(study)).items()}

@@ -7,6 +7,7 @@ import ast
 import inspect
 import re
 from collections.abc import Iterator
+from itertools import takewhile
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,24 @@ from tests.conftest import free_port
 
 TOKEN = "t0ken"  # noqa: S105 - the test's admin token, not a secret
 
-#: The routes docs/architecture.md §2 lists; only /healthz answers without the bearer token.
-DOCUMENTED = {"/healthz", "/readyz", "/status", "/metrics", "/verdicts", "/search"}
+#: The routes docs/architecture.md §2 lists; only /healthz and the status page's shell (no data
+#: in it) answer without the bearer token.
+DOCUMENTED = {
+    "/healthz",
+    "/readyz",
+    "/status",
+    "/metrics",
+    "/verdicts",
+    "/search",
+    "/studies",
+    "/studies/{study_uid}",
+    "/failures",
+    "/requeue",
+    "/",
+}
+OPEN = {"/healthz", "/"}
+#: A path of the table as it appears in a docstring or the docs.
+PATH = r"/(?:[\w{}]+(?:/[\w{}]+)*)?"
 
 
 @pytest.fixture
@@ -42,17 +59,19 @@ def server(redis_conn: redis.Redis, tmp_path: Path) -> Iterator[AdminServer]:
 
 def test_the_route_table_is_every_route(server: AdminServer) -> None:
     """The server answers exactly the paths of ``routes.table`` (the ones documented), each
-    behind the bearer token except /healthz; any other path is 404."""
+    behind the bearer token except /healthz and the page's shell; any other path is 404."""
     assert set(server.routes) == DOCUMENTED
-    assert {path for path, route in server.routes.items() if not route.token} == {"/healthz"}
+    assert {path for path, route in server.routes.items() if not route.token} == OPEN
     for path in DOCUMENTED:
-        code, _body = get(server, path)
-        assert code == (200 if path == "/healthz" else 401), path
-        code, _body = get(server, path, "wrong")
-        assert code == (200 if path == "/healthz" else 401), path
-        assert get(server, path, TOKEN)[0] != 404, path
+        target = path.replace("{study_uid}", "1.2.3")
+        code, _body = get(server, target)
+        assert code == (200 if path in OPEN else 401), path
+        code, _body = get(server, target, "wrong")
+        assert code == (200 if path in OPEN else 401), path
+        assert get(server, target, TOKEN)[0] not in (401, 404) or path.startswith("/studies/")
     assert get(server, "/nope")[0] == 404
     assert get(server, "/healthz/", TOKEN)[0] == 404
+    assert get(server, "/studies/1.2/3", TOKEN)[0] == 404
 
 
 def test_the_route_table_is_the_only_declaration() -> None:
@@ -63,13 +82,18 @@ def test_the_route_table_is_the_only_declaration() -> None:
         for node in ast.walk(ast.parse(inspect.getsource(admin_server)))
         if isinstance(node, ast.Constant) and isinstance(node.value, str)
     }
-    assert not {text for text in literals if re.fullmatch(r"/\w+", text)}
+    assert not {text for text in literals if re.fullmatch(PATH, text)}
     table_source = inspect.getsource(routes.table)
-    assert set(re.findall(r'"(/\w+)": Route\(', table_source)) == DOCUMENTED
-    assert set(re.findall(r"^    (/\w+) ", routes.__doc__ or "", re.MULTILINE)) == DOCUMENTED
+    assert set(re.findall(rf'"({PATH})": Route\(', table_source)) == DOCUMENTED
+    rows = re.findall(rf"^    ({PATH}) +(?:GET|POST) ", routes.__doc__ or "", re.MULTILINE)
+    assert set(rows) == DOCUMENTED
     docs = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
-    admin_line = next(line for line in docs.splitlines() if line.startswith(" admin HTTP:"))
-    assert set(re.findall(r"/\w+", admin_line)) == DOCUMENTED
+    lines = docs.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith(" admin HTTP:"))
+    follow = takewhile(lambda line: line.startswith("   /"), lines[start + 1 :])
+    block = [lines[start], *follow]
+    admin = " ".join(block).split("(reads")[0].removeprefix(" admin HTTP:")
+    assert {word.strip(",") for word in admin.split() if word.startswith("/")} == DOCUMENTED
 
 
 def test_healthz_needs_no_token(server: AdminServer) -> None:

@@ -37,7 +37,9 @@ from pipeline.jobs import (
 from pipeline.ledger import Ledger, Stage
 from pipeline.metrics import EndpointMetrics
 from pipeline.records import ImageRecord
+from pipeline.requeue import requeue_instance
 from pipeline.settings import DetectSettings, StudySettings
+from pipeline.stage_metrics import ListenerMetrics, StageMetrics
 from pipeline.store import EmbeddingStore
 from pipeline.studies import Studies
 from workers.janitor import Janitor
@@ -96,6 +98,7 @@ def exercise(conn: redis.Redis, tmp: Path) -> dict[str, str]:
     ledger.queued(embeddable, "embed-test")
     ledger.skipped(uids[-2], "not an image")
     ledger.failed(uids[-1], Stage.CONVERT, "unreadable")
+    requeue_instance(conn, ledger, uids[-1])  # an operator asks for it again (POST /requeue)
     ledger.count("resends")
     intake = IntakeLog(conn)
     intake.record(
@@ -103,6 +106,11 @@ def exercise(conn: redis.Redis, tmp: Path) -> dict[str, str]:
     )
     intake.record(Event(Kind.NONCONFORMANT_UID, "leading zero", "PACS", "10.0.0.1"))
     health.publish(conn, "dispatcher", {"ok": True})
+    listener_metrics = ListenerMetrics(conn)  # C-STOREs, associations, conversions
+    listener_metrics.stored(0x0000, 1000)
+    listener_metrics.accepted()
+    listener_metrics.converted("converted", 0.2)
+    listener_metrics.flush()
     batch = EmbedBatch(
         "1.2.3",
         tuple(ImageItem(record(uid), uid.encode()) for uid in embeddable),
@@ -120,6 +128,8 @@ def exercise(conn: redis.Redis, tmp: Path) -> dict[str, str]:
     metrics.attempt(status="200", seconds=0.2, bytes_sent=100, images=len(embeddable))
     metrics.retry("429")
     metrics.slot_wait(0.01)
+    StageMetrics(conn).flagged({"outlier": 1, "label_mismatch": 0})
+    StageMetrics(conn).study_completed(3.5)
     limiter = RedisLimiter(conn, keys.inflight_key(URL, "d1"), 2)
     lease = limiter.acquire(1)
     assert lease is not None

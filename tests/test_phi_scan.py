@@ -1083,12 +1083,15 @@ def run_campaign(daemon: Daemon, corpus: Corpus, sink: WebhookSink, started: flo
         others.append((f"GET {path} ({code})", body))
     sources["admin"] = others
 
-    cli = daemon.cli("status")
-    assert cli.returncode == 0, cli.stderr
-    sources["cli status"] = [
-        ("pacs-embed status (stdout)", cli.stdout),
-        ("pacs-embed status (stderr)", cli.stderr),
-    ]
+    sources["cli status"] = []
+    status_commands: list[tuple[str, ...]] = [("status", "--json"), ("status",)]
+    for args in status_commands:  # the document, and its summary
+        cli = daemon.cli(*args)
+        assert cli.returncode == 0, cli.stderr
+        sources["cli status"] += [
+            (f"pacs-embed {' '.join(args)} (stdout)", cli.stdout),
+            (f"pacs-embed {' '.join(args)} (stderr)", cli.stderr),
+        ]
     exported = daemon.state_dir.parent / "export.npz"
     commands: list[Text] = []
     for args in (("embeddings", "export", "--out", str(exported)), ("reference", "list")):

@@ -8,7 +8,8 @@ Every :data:`TICK_SECONDS`:
    (``pipeline.jobs.enqueue_push``, named by sink, study and version, so a redo after a crash
    enqueues the same job) and leave the outbox only if no newer version replaced them;
 3. with no sink configured, a completed version's instances are delivered as far as anything
-   goes: ``final`` is called for them (spool retention);
+   goes: ``final`` is called for them (spool retention), and the study completion latency
+   (from its last arrival to its completion) is observed in ``metrics``;
 4. ``housekeeping`` runs (spool retention's clean-up), at most every :data:`HOUSEKEEPING_SECONDS`.
 
 Redis errors are logged and the loop goes on: everything it acts on is in Redis, so a pass that
@@ -26,6 +27,7 @@ import structlog
 from rq import Queue
 
 from pipeline.jobs import enqueue_push
+from pipeline.stage_metrics import StageMetrics
 from pipeline.studies import Completed, Studies
 
 log = structlog.get_logger(__name__)
@@ -44,6 +46,7 @@ class Completer:
         final: Callable[[str, int], None] = lambda _study, _version: None,
         housekeeping: Callable[[], object] = lambda: None,
         completed: Callable[[Completed], None] = lambda _done: None,
+        metrics: StageMetrics | None = None,
     ) -> None:
         self.studies = studies
         self.queue = queue
@@ -51,6 +54,7 @@ class Completer:
         self.final = final
         self.housekeeping = housekeeping
         self.completed = completed
+        self.metrics = metrics
         self._last_housekeeping = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="completer", daemon=True)
@@ -72,6 +76,8 @@ class Completer:
                 pending=done.pending,
             )
             self.completed(done)
+            if not self.sinks:
+                self._time(done)
         for study, version in self.studies.outbox():
             for sink in self.sinks:
                 enqueue_push(self.queue, sink, study, version)
@@ -80,6 +86,19 @@ class Completer:
         if time.monotonic() - self._last_housekeeping >= HOUSEKEEPING_SECONDS:
             self._last_housekeeping = time.monotonic()
             self.housekeeping()
+
+    def _time(self, done: Completed) -> None:
+        """With no sink, a version is delivered when it completes: observe the latency from its
+        last arrival (a Redis error loses the observation, never the completion)."""
+        if self.metrics is None:
+            return
+        try:
+            times = self.studies.version_times(done.study_uid, done.version)
+        except redis.RedisError as exc:
+            log.debug("metrics.read_failed", error=type(exc).__name__)
+            return
+        if times is not None and times[1] is not None:
+            self.metrics.study_completed(times[1] - times[0])
 
     def _run(self) -> None:
         while not self._stop.wait(TICK_SECONDS):

@@ -9,6 +9,9 @@ and, for the push service, the completer that turns complete study versions into
 
 from __future__ import annotations
 
+import signal
+import time
+
 import redis
 import structlog
 from rq import Queue, SimpleWorker
@@ -70,18 +73,54 @@ def _serve(
     """SimpleWorker runs jobs in this process: no fork per job (~15 ms each) and HTTP clients
     keep their connections warm across jobs. The worker is named ``host:pid``, like its endpoint
     leases and health report, so whoever finds it dead knows what to release. rq's own scheduler
-    (a forked process whose lock outlives a killed worker) is replaced by the janitor's."""
+    (a forked process whose lock outlives a killed worker) is replaced by the janitor's.
+
+    Redis going away does not end the process: rq's loop gives up on it, so the worker waits for
+    Redis and starts serving again (a process that exited would be restarted by `run` after a
+    growing pause, and a worker host without `run` would stay down)."""
     queue = Queue(queue_name, connection=connection)
-    worker = SimpleWorker([queue], connection=connection, name=worker_name())
-    janitor = Janitor(
-        connection,
-        queue,
-        current_job=worker.get_current_job_id,
-        give_up=give_up,
-        component=component,
-    )
-    janitor.start()
-    try:
-        worker.work(burst=burst, with_scheduler=False, logging_level="WARNING")
-    finally:
-        janitor.stop()
+    while True:
+        _wait_for_redis(connection)
+        worker = SimpleWorker([queue], connection=connection, name=worker_name())
+        janitor = Janitor(
+            connection,
+            queue,
+            current_job=worker.get_current_job_id,
+            give_up=give_up,
+            component=component,
+        )
+        try:
+            _forget_registration(connection, worker)
+            janitor.start()
+            worker.work(burst=burst, with_scheduler=False, logging_level="WARNING")
+        except redis.RedisError as exc:
+            log.warning("worker.redis_lost", error=type(exc).__name__)
+        finally:
+            janitor.stop()
+            # rq's handlers outlive its loop; while waiting for Redis, a stop is just an exit.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Asked to stop (SIGTERM/SIGINT: rq notes when), or done; else rq's loop gave up on an
+        # error (Redis away), and the worker serves again once Redis answers.
+        if burst or worker._stop_requested or worker._shutdown_requested_date is not None:
+            return
+        log.warning("worker.restarting", reason="rq's loop ended without a stop request")
+
+
+def _wait_for_redis(connection: redis.Redis) -> None:
+    pause = 0.25
+    while True:
+        try:
+            connection.ping()
+            return
+        except redis.RedisError as exc:
+            log.warning("worker.waiting_for_redis", error=type(exc).__name__)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+def _forget_registration(connection: redis.Redis, worker: SimpleWorker) -> None:
+    """A registration this process left when rq's loop ended on a Redis error (no death
+    recorded): rq would refuse to register the same name again."""
+    if connection.exists(worker.key) and not connection.hexists(worker.key, "death"):
+        connection.delete(worker.key)

@@ -35,6 +35,7 @@ from pipeline.ledger import Ledger
 from pipeline.records import image_key
 from pipeline.results import Algorithm, Reference, ResultIdentity, build_kos, build_report
 from pipeline.sinks.webhook import encode_body
+from pipeline.stage_metrics import StageMetrics
 from pipeline.store import EmbeddingStore
 from pipeline.studies import Studies
 from pipeline.uids import digest
@@ -94,6 +95,7 @@ class PushService:
         include_vectors: bool = False,
         delivered: Callable[[str, int], None] = lambda _study, _version: None,
         clock: Callable[[], float] = time.time,
+        metrics: StageMetrics | None = None,
     ) -> None:
         self.redis = connection
         self.studies = studies
@@ -107,6 +109,7 @@ class PushService:
         self.include_vectors = include_vectors
         self.delivered = delivered
         self.clock = clock
+        self.metrics = metrics
 
     @property
     def sinks(self) -> list[str]:
@@ -130,8 +133,23 @@ class PushService:
         self.studies.pushed(study, sink, version)
         log.info("push.sent", sink=sink, study_instance_uid=study, version=version)
         if all(self.studies.pushed_version(study, s) >= version for s in self.sinks):
+            self._time(study, version)
             self.delivered(study, version)
         return self._count(sink, Outcome.SENT)
+
+    def _time(self, study: str, version: int) -> None:
+        """Study completion latency: from the version's last arrival to its delivery to every
+        sink (not observed once a newer version opened; two sinks' pushes finishing at the same
+        moment on two workers may both observe it)."""
+        if self.metrics is None:
+            return
+        try:
+            times = self.studies.version_times(study, version)
+        except redis.RedisError as exc:  # a metric never fails the push it measures
+            log.debug("metrics.read_failed", error=type(exc).__name__)
+            return
+        if times is not None:
+            self.metrics.study_completed(self.clock() - times[0])
 
     def dead_letter(self, letter_id: str, sink: str, study: str, version: int, reason: str) -> None:
         """Keep a push that waiting will not help, for an operator (``pacs-embed requeue``)."""

@@ -24,6 +24,7 @@ from pipeline.errors import PermanentEndpointError
 from pipeline.jobs import EmbedBatch, ImageItem
 from pipeline.ledger import Ledger, Stage
 from pipeline.records import ImageRecord
+from pipeline.stage_metrics import StageMetrics
 from pipeline.store import EmbeddingStore
 from pipeline.verdicts import InstanceVerdict
 
@@ -51,11 +52,13 @@ class EmbedService:
         store: EmbeddingStore,
         ledger: Ledger,
         detector: Detector | None = None,
+        metrics: StageMetrics | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.ledger = ledger
         self.detector = detector
+        self.metrics = metrics
 
     def run(self, batch: EmbedBatch) -> Outcome:
         """Embed what is not embedded yet. Transient endpoint errors propagate (rq retries)."""
@@ -84,7 +87,15 @@ class EmbedService:
     def _embed(self, items: list[ImageItem]) -> int:
         images = [item.image for item in items]
         vectors = self.client.embed_images([item.png for item in items])
-        self.store.save(images, vectors, self._assess(images, vectors))
+        verdicts = self._assess(images, vectors)
+        self.store.save(images, vectors, verdicts)
+        if verdicts and self.metrics is not None:  # after the save: a redone batch skips them
+            self.metrics.flagged(
+                {
+                    "outlier": sum(v.outlier for v in verdicts),
+                    "label_mismatch": sum(v.label_mismatch for v in verdicts),
+                }
+            )
         self._learn(images, vectors)
         return len(items)
 

@@ -6,6 +6,11 @@ status: the HTTP reason phrase for what the request got wrong (a 401 does not te
 from a wrong one; 404, 405 with ``Allow``, 414, 431), the exception's class name for a handler that
 raised (503; the traceback goes to the log, never to the client).
 
+The token is checked before the method: without it any method on a route is 401, so a caller
+without the token learns nothing, not even which methods a path takes; with it, a method the route
+does not take is 405 with ``Allow``. A request body (POST /requeue) is read up to
+``Limits.max_body_bytes``; past that, 413.
+
 Handlers block (Redis, the spool's disk), so each runs on a worker thread, at most
 ``Limits.max_handlers`` at once.
 """
@@ -26,10 +31,12 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
+from starlette.routing import request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pipeline.admin.api import Body, Call, Text
 from pipeline.admin.limits import Limits
-from pipeline.admin.routes import Body, Route, Text
+from pipeline.admin.routes import Route
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +49,9 @@ def build(routes: Mapping[str, Route], token: str, limits: Limits) -> Starlette:
     expected = f"Bearer {token}".encode()
     app = Starlette(
         routes=[
-            StarletteRoute(path, _endpoint(route, expected, slots), methods=["GET"])
+            StarletteRoute(
+                path, _AnyMethod(_endpoint(route, expected, slots, limits.max_body_bytes))
+            )
             for path, route in routes.items()
         ],
         middleware=[Middleware(HeadLimits, limits=limits)],
@@ -64,25 +73,52 @@ def error(status: int, headers: Mapping[str, str] | None = None) -> Response:
 def render(status: int, body: Body) -> Response:
     """A handler's (status, body) as the HTTP answer."""
     if isinstance(body, Text):
-        return Response(body.body, status, media_type=body.content_type)
+        return Response(body.body, status, dict(body.headers), media_type=body.content_type)
     return Response(json.dumps(body, default=str).encode(), status, media_type=JSON)
 
 
 def _endpoint(
-    route: Route, expected: bytes, slots: anyio.CapacityLimiter
+    route: Route, expected: bytes, slots: anyio.CapacityLimiter, max_body: int
 ) -> Callable[[Request], Awaitable[Response]]:
+    allowed = {*route.methods, *(("HEAD",) if "GET" in route.methods else ())}
+    allow = ", ".join(sorted(allowed))
+
     async def endpoint(request: Request) -> Response:
         if route.token and not _authorised(request.headers.get("authorization"), expected):
             return error(HTTPStatus.UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
-        query = dict(request.query_params)  # the last value of each name
+        if request.method not in allowed:
+            return error(HTTPStatus.METHOD_NOT_ALLOWED, {"Allow": allow})
+        body = await _body(request, max_body)
+        if body is None:
+            return error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        call = Call(
+            query=dict(request.query_params),  # the last value of each name
+            path={name: str(value) for name, value in request.path_params.items()},
+            body=body,
+        )
         try:
-            status, body = await anyio.to_thread.run_sync(route.handler, query, limiter=slots)
+            status, answer = await anyio.to_thread.run_sync(route.handler, call, limiter=slots)
         except Exception as exc:
             log.exception("admin.error", path=request.scope["path"])
             return render(HTTPStatus.SERVICE_UNAVAILABLE, {"error": type(exc).__name__})
-        return render(status, body)
+        return render(status, answer)
 
     return endpoint
+
+
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None once it grows past ``limit`` bytes (not read further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _authorised(header: str | None, expected: bytes) -> bool:
@@ -101,6 +137,17 @@ def _unexpected(request: Request, exc: Exception) -> Response:
     """A failure outside any handler (a bug here): the same 503 a handler's failure gets."""
     log.error("admin.error", path=request.scope["path"], error=type(exc).__name__)
     return render(HTTPStatus.SERVICE_UNAVAILABLE, {"error": type(exc).__name__})
+
+
+class _AnyMethod:
+    """An endpoint as an ASGI app, so that Starlette hands it every method (given a function it
+    would answer anything but GET with its own 405, before the token is checked)."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.app = request_response(endpoint)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 class HeadLimits:

@@ -33,6 +33,9 @@ class Limits:
     #: drops for this long before closing: closing with unread data would send a TCP reset,
     #: which can destroy the refusal before the client reads it.
     linger_seconds: float = 2.0
+    #: Bytes of a request body: past it 413. The only route that reads one, POST /requeue,
+    #: takes a JSON object naming one thing (under 200 bytes).
+    max_body_bytes: int = 4096
     #: Connections open at once: one more is answered 503 and closed. Without a cap a flood of
     #: connections, each held up to ``request_seconds``, could run the process out of descriptors.
     max_connections: int = 512

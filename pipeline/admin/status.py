@@ -1,9 +1,18 @@
-"""The /status document, gathered from Redis and the state dir. Counts and UIDs, no PHI."""
+"""The /status document, gathered from Redis and the state dir. Counts and UIDs, no PHI (a
+calling AE title and a peer address are the sender's, not the patient's).
+
+``uptime_seconds`` is how long the longest-running live component (listener, embed or push
+worker) has been up: `pacs-embed run` restarts a child that dies, so this is the daemon's uptime
+unless every component restarted since; None while none reports (so never the admin's own).
+"""
 
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +25,11 @@ from pipeline.intake import IntakeLog
 from pipeline.jobs import EMBED_QUEUE, PUSH_QUEUE
 from pipeline.keys import text
 from pipeline.ledger import Ledger
+from pipeline.metrics import FleetCollector, images_per_minute
 from pipeline.studies import Studies
+
+#: Components whose reports carry ``since`` (when the process started): what uptime is of.
+_UP = (health.LISTENER, health.WORKER, health.PUSHER)
 
 
 def queue_depths(connection: redis.Redis, name: str = EMBED_QUEUE) -> dict[str, int]:
@@ -28,15 +41,6 @@ def queue_depths(connection: redis.Redis, name: str = EMBED_QUEUE) -> dict[str, 
         "failed": queue.failed_job_registry.count,
         "finished": queue.finished_job_registry.count,
     }
-
-
-def workers(connection: redis.Redis) -> list[dict[str, Any]]:
-    """Live workers, from their own reports (renewed every second by a thread of theirs, so a
-    killed worker is gone from here within seconds, unlike rq's registration)."""
-    return [
-        {"name": name, **report}
-        for name, report in sorted(health.reports(connection, health.WORKER).items())
-    ]
 
 
 def studies(connection: redis.Redis, limit: int = 20) -> dict[str, Any]:
@@ -66,24 +70,63 @@ def sinks(connection: redis.Redis) -> dict[str, Any]:
 PENDING = ("queued", "started", "scheduled")
 
 
+def software_version() -> str:
+    """pacs-embed's version, as installed."""
+    try:
+        return version("pacs-embed")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def associations(listeners: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Open associations on every listener, oldest first: calling AE, address, since (unix
+    seconds), instances stored so far, and the listener (host:pid) holding it."""
+    found = [
+        {**assoc, "listener": name}
+        for name, report in listeners.items()
+        for assoc in report.get("associations", [])
+    ]
+    return sorted(found, key=lambda a: a.get("since", 0.0))
+
+
+def uptime(reports: list[dict[str, Any]], now: float) -> float | None:
+    starts = [float(r["since"]) for r in reports if isinstance(r.get("since"), int | float)]
+    return round(now - min(starts), 1) if starts else None
+
+
 def gather(
     connection: redis.Redis,
     ledger: Ledger,
     intake: IntakeLog,
     spool_dir: Path,
     quarantine_dir: Path,
+    *,
+    fleet: FleetCollector | None = None,
 ) -> dict[str, Any]:
     """``instances``: current states, adding up to ``received``; ``counters``: cumulative event
     counts; ``input``: what the listener refused or rejected; ``failures`` and ``skipped``: the
-    most recent first."""
+    most recent first; ``endpoint``: ``fleet``'s summary (``FleetCollector.summary``; without
+    a collector, the counters without the in-flight leases); ``throughput``: images embedded
+    per minute over the last hour, oldest first."""
+    reports = {component: health.reports(connection, component) for component in _UP}
+    up = [report for by_name in reports.values() for report in by_name.values()]
     return {
+        "version": software_version(),
+        "uptime_seconds": uptime(up, time.time()),
+        "associations": associations(reports[health.LISTENER]),
+        "endpoint": (fleet or FleetCollector(connection)).summary(),
+        "throughput": {"minute_seconds": 60, "images": images_per_minute(connection)},
         "instances": ledger.counts(),
         "counters": ledger.counters(),
         "input": intake.summary(),
         "queues": {name: queue_depths(connection, name) for name in (EMBED_QUEUE, PUSH_QUEUE)},
-        "workers": workers(connection),
+        # live workers from their own reports (renewed every second, unlike rq's registration:
+        # a killed worker is gone from here within seconds)
+        "workers": [
+            {"name": name, **report} for name, report in sorted(reports[health.WORKER].items())
+        ],
         "dispatchers": health.reports(connection, health.DISPATCHER),
-        "pushers": health.reports(connection, health.PUSHER),
+        "pushers": reports[health.PUSHER],
         "studies": studies(connection),
         "sinks": sinks(connection),
         "failures": [asdict(failure) for failure in ledger.failures(limit=50)],
@@ -97,11 +140,26 @@ def gather(
     }
 
 
-def ready(connection: redis.Redis, spool_dir: Path) -> dict[str, bool]:
+def ready(
+    connection: redis.Redis,
+    spool_dir: Path,
+    *,
+    min_free_bytes: int = 0,
+    endpoint: Callable[[], bool] | None = None,
+) -> dict[str, bool]:
     """What /readyz checks: Redis answers, the spool is writable (an empty probe file is created
-    in the spool's tmp dir and removed), no dispatcher is stuck, at least one worker is alive
-    (nothing would be embedded otherwise)."""
-    checks = {"redis": False, "spool_writable": False, "dispatcher": False, "workers": False}
+    in the spool's tmp dir and removed), its disk has at least ``min_free_bytes`` free (the
+    listener's ``min_free_disk_mb``, below which it refuses C-STOREs), no dispatcher is stuck,
+    at least one worker is alive (nothing would be embedded otherwise) and, with an
+    ``endpoint`` probe (``probe.EndpointProbe``: cached, so cheap), the endpoint is reachable.
+    Without a probe (no endpoint configured in this process) there is no ``endpoint`` check."""
+    checks = {
+        "redis": False,
+        "spool_writable": False,
+        "spool_free_disk": False,
+        "dispatcher": False,
+        "workers": False,
+    }
     try:
         checks["redis"] = bool(connection.ping())
         reports = health.reports(connection, health.DISPATCHER).values()
@@ -116,4 +174,10 @@ def ready(connection: redis.Redis, spool_dir: Path) -> dict[str, bool]:
         checks["spool_writable"] = True
     except OSError:
         pass
+    try:
+        checks["spool_free_disk"] = shutil.disk_usage(spool_dir).free >= min_free_bytes
+    except OSError:  # no spool dir
+        pass
+    if endpoint is not None:
+        checks["endpoint"] = endpoint()
     return checks
