@@ -13,8 +13,9 @@ queue, or being embedded. A resend of a failed (quarantined) instance starts aga
 The spool on the listener host is the truth about *what was received*; the ledger is the truth
 about *how far each instance got*. The private Redis of `pacs-embed run` fsyncs its AOF before
 every answer; a Redis run with ``appendfsync everysec`` may lose its last second in a machine
-crash, which only means redoing idempotent work, never losing an instance. Values are UIDs, the few non-PHI
-header fields the workers need, and reasons: no PHI. The keys are listed in pipeline/keys.py.
+crash, which only means redoing idempotent work, never losing an instance. Values are UIDs,
+the few non-PHI header fields the workers need, and reasons: no PHI. The keys are listed in
+pipeline/keys.py.
 """
 
 from __future__ import annotations
