@@ -222,3 +222,23 @@ def test_a_killed_private_redis_is_restarted_from_its_aof_and_work_goes_on(
     assert daemon.status()["instances"]["received"] == 2
     roles = {(e.get("event"), e.get("role")) for e in daemon.log_lines()}
     assert ("child.exited", "redis") in roles and ("child.restarted", "redis") in roles
+
+
+def test_a_job_its_live_worker_no_longer_runs_is_requeued(redis_conn: redis.Redis) -> None:
+    """A worker that lost Redis mid-job starts over under the same name: alive, idle, and its
+    old execution still in the started registry. Once that is older than ORPHAN_SECONDS, the
+    job goes back to the queue; a job the worker reports running stays."""
+    queue = Queue(QUEUE, connection=redis_conn)
+    lost = start_on(redis_conn, queue, "again:9")
+    running = start_on(redis_conn, queue, "busy:8")
+    for name, job in (("again:9", None), ("busy:8", running.id)):
+        report = {"state": "busy" if job else "idle", "job": job}
+        redis_conn.set(keys.health_key("worker", name), json.dumps(report), ex=5)
+    janitor = Janitor(redis_conn, queue)
+    janitor.tick()
+    assert queue.job_ids == []  # too recent to tell from a job just starting
+    for entry in redis_conn.zrange(StartedJobRegistry(queue=queue).key, 0, -1):
+        redis_conn.hset(f"rq:execution:{entry.decode()}", "created_at", time.time() - 60)
+    janitor.tick()
+    assert queue.job_ids == [lost.id]
+    assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == [running.id]

@@ -11,8 +11,10 @@ So every worker runs one small thread that, every :data:`TICK_SECONDS`:
 
 1. renews its health report (``pe:health:worker:<host:pid>``, expiring in :data:`ALIVE_SECONDS`),
    written from this thread, so a worker busy in a long request still shows alive;
-2. looks at the embed queue's started jobs: a job whose worker has no live report is requeued at
-   the front (:func:`reap`), the dead worker's rq registration and endpoint leases dropped. A job
+2. looks at the queue's started jobs: a job whose worker has no live report is requeued at
+   the front (:func:`reap`), the dead worker's rq registration and endpoint leases dropped; so
+   is one whose live worker has not reported running it for :data:`ORPHAN_SECONDS` (it lost
+   Redis mid-job, and its rq loop started over without it). A job
    whose workers died :data:`MAX_WORKER_DEATHS` times is failed instead (a batch that kills its
    worker, by memory or a native crash, must not take the fleet down one worker at a time);
 3. holds its queue's scheduler lock (``pe:scheduler:<queue>``, a few seconds, renewed) or takes
@@ -58,6 +60,10 @@ TICK_SECONDS = 1.0
 #: for dead, and a killed worker's job moves on within seconds.
 ALIVE_SECONDS = 5
 
+#: A started job its live worker has not reported running for this long was orphaned (the
+#: worker lost Redis mid-job and started over): it is requeued like a dead worker's.
+ORPHAN_SECONDS = 2 * ALIVE_SECONDS
+
 #: How long a scheduler lock lasts without renewal.
 SCHEDULER_LOCK_SECONDS = 5
 
@@ -91,21 +97,28 @@ def reap(
     queue: Queue,
     *,
     dead: Callable[[str], bool],
+    orphaned: Callable[[str, str, float], bool] = lambda _worker, _job, _started: False,
     give_up: GiveUp | None = None,
     component: str = health.WORKER,
 ) -> int:
-    """Requeue (at the front) every started job of ``queue`` whose worker is ``dead``; drop
-    those workers' registrations, reports and leases. Returns the number of jobs recovered."""
+    """Requeue (at the front) every started job of ``queue`` whose worker is ``dead`` — and
+    drop those workers' registrations, reports and leases — or that its live worker no longer
+    runs (``orphaned(worker, job id, started at)``: it lost Redis mid-job and started over).
+    Returns the number of jobs recovered."""
     registry = StartedJobRegistry(queue=queue)
     recovered = 0
     gone: set[str] = set()
     for entry in [text(e) for e in connection.zrange(registry.key, 0, -1)]:
-        name = _worker_of(connection, entry)
-        if not name or not dead(name):
+        name, started = _execution(connection, entry)
+        if not name:
+            continue
+        is_dead = dead(name)
+        if not is_dead and not orphaned(name, parse_composite_key(entry)[0], started):
             continue
         if not connection.zrem(registry.key, entry):
             continue  # another janitor (or `run`) took it first
-        gone.add(name)
+        if is_dead:
+            gone.add(name)
         try:
             job = Job.fetch(parse_composite_key(entry)[0], connection=connection)
         except NoSuchJobError:
@@ -116,14 +129,15 @@ def reap(
     return recovered
 
 
-def _worker_of(connection: redis.Redis, entry: str) -> str:
-    """The worker running a started-registry entry (``<job id>:<execution id>``): rq records
-    it on the execution as the job starts ("" if that record is gone)."""
+def _execution(connection: redis.Redis, entry: str) -> tuple[str, float]:
+    """The worker running a started-registry entry (``<job id>:<execution id>``) and when it
+    started it, as rq records them on the execution ("" if that record is gone)."""
     job_id, execution_id = parse_composite_key(entry)
     try:
-        return Execution.fetch(execution_id, job_id, connection).worker_name
+        execution = Execution.fetch(execution_id, job_id, connection)
     except ValueError:
-        return ""
+        return "", 0.0
+    return execution.worker_name, execution.created_at.timestamp()
 
 
 def _recover(
@@ -248,11 +262,18 @@ class Janitor:
     def tick(self) -> None:
         """One round: report, reap, schedule."""
         self.report()
-        living = alive(self.connection, self.component) | {self.name}
+        reports = health.reports(self.connection, self.component)
+        living = set(reports) | {self.name}
+
+        def orphaned(worker: str, job: str, started: float) -> bool:
+            running = reports.get(worker, {}).get("job")
+            return running != job and time.time() - started > ORPHAN_SECONDS
+
         reap(
             self.connection,
             self.queue,
             dead=lambda n: n not in living,
+            orphaned=orphaned,
             give_up=self.give_up,
             component=self.component,
         )
