@@ -109,11 +109,49 @@ def _enter(pipe: Any, uids: list[str], state: State, value: str | None = None) -
         pipe.sadd(_STATE_KEYS[state], *uids)
 
 
+#: Move instances along the way (to converting, queued) unless they are embedded or skipped
+#: already: a conversion redone after a crash (reconciliation, the sweeper) must not take a
+#: finished instance back, or its second completion would count it twice. A correction or a
+#: resend of a failed instance goes back explicitly, through ``spooled``.
+#: KEYS: received, spooled, converting, queued, embedded, skipped, failed, failed:recent, target.
+_ADVANCE = """
+local moved = 0
+for _, uid in ipairs(ARGV) do
+  if redis.call('SISMEMBER', KEYS[5], uid) == 0 and redis.call('HEXISTS', KEYS[6], uid) == 0 then
+    redis.call('SADD', KEYS[1], uid)
+    redis.call('SREM', KEYS[2], uid)
+    redis.call('SREM', KEYS[3], uid)
+    redis.call('SREM', KEYS[4], uid)
+    redis.call('HDEL', KEYS[7], uid)
+    redis.call('ZREM', KEYS[8], uid)
+    redis.call('SADD', KEYS[9], uid)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+
 class Ledger:
     """Instance states. Every method is one round trip (a pipeline), safe to repeat."""
 
     def __init__(self, connection: redis.Redis) -> None:
         self.redis = connection
+        self._advance_script = connection.register_script(_ADVANCE)
+
+    def _advance(self, pipe: Any, uids: list[str], state: State) -> None:
+        keys_ = [
+            keys.RECEIVED,
+            keys.SPOOLED,
+            keys.CONVERTING,
+            keys.QUEUED,
+            keys.EMBEDDED,
+            keys.SKIPPED,
+            keys.FAILED,
+            keys.FAILED_RECENT,
+            _STATE_KEYS[state],
+        ]
+        self._advance_script(keys=keys_, args=uids, client=pipe)
 
     def spooled(self, sop_uids: Iterable[str], digests: Mapping[str, str] | None = None) -> None:
         """Acknowledged and waiting for conversion (also: a resend of a failed instance, or a
@@ -147,7 +185,7 @@ class Ledger:
         uids = list(sop_uids)
         if uids:
             with self.redis.pipeline() as pipe:
-                _enter(pipe, uids, State.CONVERTING)
+                self._advance(pipe, uids, State.CONVERTING)
                 pipe.execute()
 
     def converted(
@@ -157,7 +195,7 @@ class Ledger:
         selected for embedding (the instance is embedded once all of them are stored)."""
         mapping = {**fields, "frames": ",".join(map(str, frames))} if frames else dict(fields)
         with self.redis.pipeline() as pipe:
-            _enter(pipe, [sop_uid], State.QUEUED)
+            self._advance(pipe, [sop_uid], State.QUEUED)
             if mapping:
                 pipe.hset(keys.instance_key(sop_uid), mapping=mapping)  # type: ignore[arg-type]
             pipe.hincrby(keys.COUNTERS, "converted", 1)
