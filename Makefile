@@ -30,6 +30,9 @@ bench: os-test $(STAMP)
 	$(BIN)/python -m bench.convert
 	$(BIN)/python -m bench.endpoint
 	$(BIN)/python -m bench.verdicts
+	$(BIN)/python -m bench.push latency
+	$(BIN)/python -m bench.push spool
+	$(BIN)/python -m bench.chaos all
 
 os-run:
 	@scripts/install-os-packages run

@@ -102,7 +102,9 @@ class Dispatcher:
         forget: Callable[[list[str]], int] = lambda _uids: 0,
         requested: Callable[[], list[str]] | None = None,
         converted: Converted = lambda _outcome, _seconds: None,
+        node: str | None = None,
     ) -> None:
+        self.node = node  # the listener node whose spool this is, recorded per instance
         self.report = report
         self.converted = converted
         self.requested = requested
@@ -286,7 +288,8 @@ class Dispatcher:
         if corrected:
             forgotten = self.forget(corrected)
             log.info("instance.corrected", instances=len(corrected), images_forgotten=forgotten)
-        self.ledger.spooled(keep.values(), {uid: self._arriving[p][0] for p, uid in keep.items()})
+        digests = {uid: self._arriving[p][0] for p, uid in keep.items()}
+        self.ledger.spooled(keep.values(), digests, self.node)
         self._waiting.extend(keep)
         self._arriving.clear()
 

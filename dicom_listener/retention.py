@@ -6,8 +6,9 @@ free-disk watermark. After a study version reached every configured sink (or com
 sink configured), its instances become *eligible*: their files are deleted
 ``spool.retention_hours`` later, oldest first, and earlier — oldest eligible first, whatever
 their time — while free disk is under ``spool.cleanup_free_disk_mb`` (mercure's cleaner does
-both). ``retention_hours = 0`` keeps everything. Quarantined files are not the spool's: they stay
-until requeued or purged (``pacs-embed purge``).
+both). ``retention_hours = 0`` keeps everything. Each listener node (a state dir: a host) keeps
+its own set, and its push service deletes only from its own spool. Quarantined files are not
+the spool's: they stay until requeued or purged (``pacs-embed purge``).
 
 An instance that arrives again (a new version of its study) leaves the eligible set in the same
 Redis script that records its arrival (pipeline/studies.py), so a file being re-read for a new
@@ -25,7 +26,8 @@ import structlog
 
 from dicom_listener.spool import Spool
 from pipeline import keys
-from pipeline.keys import text
+from pipeline.keys import DEFAULT_NODE, text
+from pipeline.ledger import Ledger
 
 log = structlog.get_logger(__name__)
 
@@ -41,10 +43,13 @@ class Retention:
         *,
         hours: float,
         low_free_bytes: int,
+        node: str = DEFAULT_NODE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
         self.redis = connection
+        self.node = node
+        self.key = keys.retention_key(node)
         self.keep_seconds = hours * 3600
         self.low_free_bytes = low_free_bytes
         self.clock = clock
@@ -54,13 +59,17 @@ class Retention:
         return self.keep_seconds > 0
 
     def eligible(self, sop_uids: Iterable[str]) -> None:
-        """These instances' results are delivered: delete their files after the retention."""
+        """These instances' results are delivered: delete their files after the retention, each
+        from the spool of the node that holds it (the ledger says which; this node if unsaid)."""
         if not self.enabled:
             return
+        uids = list(sop_uids)
         due = self.clock() + self.keep_seconds
-        mapping = {sop: due for sop in sop_uids}
-        if mapping:
-            self.redis.zadd(keys.RETENTION, mapping, nx=True)
+        by_node: dict[str, dict[str, float]] = {}
+        for sop, node in zip(uids, Ledger(self.redis).nodes(uids), strict=True):
+            by_node.setdefault(node or self.node, {})[sop] = due
+        for node, mapping in by_node.items():
+            self.redis.zadd(keys.retention_key(node), mapping, nx=True)
 
     def clean(self) -> int:
         """Delete what is due, then, while the disk is short, the oldest eligible. Returns the
@@ -81,7 +90,7 @@ class Retention:
 
     def _take(self, max_score: float | None = None) -> list[str]:
         top = "+inf" if max_score is None else max_score
-        return [text(s) for s in self.redis.zrangebyscore(keys.RETENTION, "-inf", top, 0, CHUNK)]
+        return [text(s) for s in self.redis.zrangebyscore(self.key, "-inf", top, 0, CHUNK)]
 
     def _delete(self, sop_uids: list[str]) -> int:
         deleted = 0
@@ -91,9 +100,9 @@ class Retention:
                 deleted += 1
             except FileNotFoundError:
                 pass
-        self.redis.zrem(keys.RETENTION, *sop_uids)
+        self.redis.zrem(self.key, *sop_uids)
         return deleted
 
     def pending(self) -> int:
         """Files eligible, not yet deleted."""
-        return int(self.redis.zcard(keys.RETENTION))
+        return int(self.redis.zcard(self.key))

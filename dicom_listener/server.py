@@ -7,6 +7,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +39,7 @@ from pipeline import health
 from pipeline.convert import DECODABLE_TRANSFER_SYNTAXES, ConvertOptions
 from pipeline.intake import IntakeLog
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, enqueue_batch
+from pipeline.keys import DEFAULT_NODE
 from pipeline.ledger import Ledger
 from pipeline.requeue import requested_instances
 from pipeline.settings import Settings
@@ -115,9 +117,13 @@ def data_set_bytes(event: Event) -> int:
 class Listener:
     """The listener host's processes-in-one: start() reconciles, then accepts associations."""
 
-    def __init__(self, settings: Settings, connection: redis.Redis) -> None:
+    def __init__(
+        self, settings: Settings, connection: redis.Redis, node: str = DEFAULT_NODE
+    ) -> None:
+        """``node``: this listener's name among the fleet's (its state dir's)."""
         self.settings = settings
         self.connection = connection
+        self.node = node
         self._stopping = threading.Event()
         self.spool = Spool(settings.spool_dir, settings.quarantine_dir)
         self.ledger = Ledger(connection)
@@ -136,7 +142,8 @@ class Listener:
             processes=settings.convert.processes,
             log_settings=(settings.log.level, settings.log.format),
             report=self._report,
-            arrived=Studies(connection, settings.study).arrived,
+            arrived=partial(Studies(connection, settings.study).arrived, node=node),
+            node=node,
             forget=EmbeddingStore(connection, self.ledger).forget,
             requested=lambda: requested_instances(connection),
             converted=self.metrics.converted,

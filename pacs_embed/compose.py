@@ -21,8 +21,11 @@ when `run` starts the emulator (no process guesses it from the endpoint's URL).
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 from collections.abc import Mapping
 from functools import cached_property
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -190,7 +193,13 @@ class Root:
             self.redis,
             hours=sp.retention_hours,
             low_free_bytes=sp.cleanup_free_disk_mb * 1024 * 1024,
+            node=self.node,
         )
+
+    @cached_property
+    def node(self) -> str:
+        """This state dir's listener node (its listener, push service and retention)."""
+        return node_name(self.settings.state_dir)
 
     @property
     def sinks(self) -> list[str]:
@@ -252,20 +261,27 @@ class Root:
         """Serve push jobs and complete study versions in this process (``workers.main``)."""
         from rq import Queue
 
-        from pipeline.jobs import PUSH_QUEUE
+        from pipeline.jobs import push_queue
         from workers.completer import Completer
         from workers.main import run_pusher
 
         service = self.push_service
+        studies = self.studies
+
+        def queue_of(study: str) -> Queue:
+            return Queue(push_queue(studies.node_of(study)), connection=self.redis)
+
+        mine = push_queue(self.node)
         completer = Completer(
-            self.studies,
-            Queue(PUSH_QUEUE, connection=self.redis),
+            studies,
+            Queue(mine, connection=self.redis),
             service.sinks,
             final=self._delivered,
             housekeeping=self.retention.clean,
             metrics=service.metrics,
+            queue_of=queue_of,
         )
-        run_pusher(self.redis, service, completer)
+        run_pusher(self.redis, service, completer, mine)
 
     # -- servers -------------------------------------------------------------------------------
 
@@ -273,7 +289,7 @@ class Root:
     def listener(self) -> Listener:
         from dicom_listener.server import Listener
 
-        return Listener(self.settings, self.redis)
+        return Listener(self.settings, self.redis, self.node)
 
     @cached_property
     def fleet_metrics(self) -> FleetCollector:
@@ -331,6 +347,24 @@ class Root:
         from emulator import server
 
         return server.EmulatorServer(self.settings.emulator)
+
+
+def node_name(state_dir: Path) -> str:
+    """The listener node a state dir is: a random name kept in its ``node`` file, made once.
+    A listener and its push service share the state dir (the spool), so they share the name;
+    another host's state dir is another node, whatever its path."""
+    path = state_dir / "node"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / f".node.{os.getpid()}"
+        tmp.write_text(secrets.token_hex(6) + "\n")
+        try:
+            os.link(tmp, path)  # the first one made wins; the others read it
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 def software_version() -> str:

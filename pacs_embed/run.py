@@ -23,12 +23,12 @@ import redis
 import structlog
 from rq import Queue
 
-from pacs_embed.compose import child_env, emulator_base_url, local_emulator
+from pacs_embed.compose import child_env, emulator_base_url, local_emulator, node_name
 from pacs_embed.processes import PrivateRedis, spawn_self
 from pacs_embed.secrets import ensure_secret_file
 from pacs_embed.supervisor import Child, Process, Supervisor
 from pipeline.health import PUSHER, WORKER
-from pipeline.jobs import EMBED_QUEUE, PUSH_QUEUE
+from pipeline.jobs import EMBED_QUEUE, push_queue
 from pipeline.keys import INFLIGHT_PATTERN
 from pipeline.settings import Settings
 from workers.janitor import name_of, reap
@@ -79,7 +79,8 @@ def run(settings: Settings, config: Path | None) -> int:
     )
     admin_url = f"http://{_local(adm.host)}:{adm.port}/healthz"
     children.append(Child("admin", role("admin"), lambda p: _wait_http(admin_url, p)))
-    children.append(Child("push", role("push"), on_exit=_requeuer(connection, PUSH_QUEUE, PUSHER)))
+    pushes = push_queue(node_name(settings.state_dir))
+    children.append(Child("push", role("push"), on_exit=_requeuer(connection, pushes, PUSHER)))
     for i in range(settings.workers.count):
         on_exit = _requeuer(connection, EMBED_QUEUE, WORKER)
         children.append(Child(f"worker-{i + 1}", role("worker"), on_exit=on_exit))

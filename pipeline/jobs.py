@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from rq import Queue, Retry
 
+from pipeline.keys import DEFAULT_NODE
 from pipeline.records import ImageRecord
 from pipeline.uids import job_id, token
 
@@ -134,7 +135,16 @@ def enqueue_batch(
 
 # -- the push queue: one job per (sink, study version), on the listener host -----------------
 
-PUSH_QUEUE = "push"
+
+def push_queue(node: str) -> str:
+    """The push queue of one listener node: its push service has the study's files."""
+    return f"push-{node}"
+
+
+#: Push queues are named ``push-<node>``.
+PUSH_QUEUE_PREFIX = "push-"
+#: The push queue of code that is given no node (tests, single-node tools).
+PUSH_QUEUE = push_queue(DEFAULT_NODE)
 #: The push job function, by import path (enqueued by the push service's completer).
 PUSH_FUNC = "workers.jobs.push_version"
 

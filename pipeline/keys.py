@@ -27,7 +27,8 @@ each received instance; written by the listener's dispatcher and the workers, re
     pe:counters                      hash    event -> cumulative count, never decremented
     pe:inst:*                        hash    [SOP UID] its non-PHI header fields, "frames"
                                              (those selected, "0,2,4"), "decoder", "job" (rq id),
-                                             "digest" (BLAKE2b of the spooled bytes)
+                                             "digest" (BLAKE2b of the spooled bytes), "node"
+                                             (the listener node whose spool holds it)
 
 Listener intake: what the listener turned away (pipeline/intake.py). Written by the listener,
 read by /status and /metrics. Permanent (the list is capped at 100 events)::
@@ -54,7 +55,8 @@ Permanent::
 
     pe:studystate:*                  hash    [study UID] version, state (open|complete),
                                              opened_ms, last_ms, completed_version,
-                                             completed_ms, "pushed:<sink>" -> version delivered
+                                             completed_ms, "pushed:<sink>" -> version delivered,
+                                             "node" (the listener node of its latest arrival)
     pe:studymembers:*                set     [study UID] SOP UIDs received, every version
     pe:studies:due                   zset    study UID -> when to look at it next (ms)
     pe:studies:recent                zset    study UID -> last arrival (ms)
@@ -63,10 +65,11 @@ Permanent::
                                              superseded, dead_lettered)
 
 Spool retention (dicom_listener/retention.py): instances whose results were delivered, due for
-deletion from the spool. Written by the push service, cleared by an arrival of the instance
-(pipeline/studies.py). Permanent::
+deletion from the spool of the listener node that holds them (a node is a listener's state dir,
+named in its ``node`` file; one listener per host: the host). Written by the push services,
+cleared by an arrival of the instance (pipeline/studies.py). Permanent::
 
-    pe:retention                     zset    SOP UID -> when its spooled file may go (s)
+    pe:retention:*                   zset    [node] SOP UID -> when its spooled file may go (s)
 
 Dead letters (pipeline/deadletters.py): pushes a sink refused for good or that failed through
 every retry. Written by the push service, read by /status; ``pacs-embed requeue`` removes one.
@@ -218,7 +221,16 @@ STUDIES_RECENT = _key("studies", "recent")
 PUSH_OUTBOX = _key("push", "outbox")
 PUSH_COUNTS = _key("push", "counts")
 
-RETENTION = _key("retention")
+#: The listener node of code that is given none (tests, single-node tools).
+DEFAULT_NODE = "local"
+
+
+def retention_key(node: str) -> str:
+    """One listener node's spooled files due for deletion."""
+    return _key("retention", node)
+
+
+RETENTION = retention_key(DEFAULT_NODE)
 
 # -- dead letters (pipeline/deadletters.py) --------------------------------------------------
 DEAD_LETTERS = _key("deadletter")
@@ -318,7 +330,7 @@ NAMESPACE: tuple[Key, ...] = (
     Key(STUDIES_RECENT, "zset", "pipeline.studies"),
     Key(PUSH_OUTBOX, "zset", "pipeline.studies"),
     Key(PUSH_COUNTS, "hash", "workers.push"),
-    Key(RETENTION, "zset", "dicom_listener.retention"),
+    Key(retention_key("*"), "zset", "dicom_listener.retention"),
     Key(DEAD_LETTERS, "hash", "pipeline.deadletters"),
     Key(DEAD_LETTERS_RECENT, "zset", "pipeline.deadletters"),
     Key(REQUEUE_INSTANCES, "list", "pipeline.requeue"),

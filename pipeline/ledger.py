@@ -153,16 +153,32 @@ class Ledger:
         ]
         self._advance_script(keys=keys_, args=uids, client=pipe)
 
-    def spooled(self, sop_uids: Iterable[str], digests: Mapping[str, str] | None = None) -> None:
+    def spooled(
+        self,
+        sop_uids: Iterable[str],
+        digests: Mapping[str, str] | None = None,
+        node: str | None = None,
+    ) -> None:
         """Acknowledged and waiting for conversion (also: a resend of a failed instance, or a
-        correction); ``digests``: each instance's spooled bytes' digest, to know a resend."""
+        correction); ``digests``: each instance's spooled bytes' digest, to know a resend;
+        ``node``: the listener node whose spool holds them (spool retention)."""
         uids = list(sop_uids)
         if uids:
             with self.redis.pipeline() as pipe:
                 _enter(pipe, uids, State.SPOOLED)
                 for uid, digest in (digests or {}).items():
                     pipe.hset(keys.instance_key(uid), "digest", digest)
+                if node is not None:
+                    for uid in uids:
+                        pipe.hset(keys.instance_key(uid), "node", node)
                 pipe.execute()
+
+    def nodes(self, sop_uids: Sequence[str]) -> list[str | None]:
+        """The listener node whose spool holds each instance (None: not recorded)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for uid in sop_uids:
+                pipe.hget(keys.instance_key(uid), "node")
+            return [text(n) if n is not None else None for n in pipe.execute()]
 
     def digests(self, sop_uids: Sequence[str]) -> list[str | None]:
         """The digest of each instance's bytes as last spooled (None: never, or not recorded)."""

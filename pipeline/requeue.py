@@ -23,7 +23,7 @@ from rq import Queue
 
 from pipeline import keys
 from pipeline.deadletters import DeadLetters
-from pipeline.jobs import PUSH_QUEUE, enqueue_push
+from pipeline.jobs import enqueue_push, push_queue
 from pipeline.keys import text
 from pipeline.ledger import Ledger
 from pipeline.studies import Studies
@@ -42,8 +42,9 @@ def requeue_dead_letter(connection: redis.Redis, letter_id: str) -> str:
     letter = DeadLetters(connection).take(letter_id)
     if letter is None:
         raise NothingToRequeue(f"no dead letter {letter_id!r}")
-    queue = Queue(PUSH_QUEUE, connection=connection)
-    return enqueue_push(queue, letter.sink, letter.study_instance_uid, letter.version, force=True)
+    study = letter.study_instance_uid
+    queue = Queue(push_queue(Studies(connection).node_of(study)), connection=connection)
+    return enqueue_push(queue, letter.sink, study, letter.version, force=True)
 
 
 def requeue_study(
@@ -55,7 +56,7 @@ def requeue_study(
         raise NothingToRequeue(f"study {study!r} has no completed version")
     if not sinks:
         raise NothingToRequeue("no sink is configured")
-    queue = Queue(PUSH_QUEUE, connection=connection)
+    queue = Queue(push_queue(studies.node_of(study)), connection=connection)
     return [enqueue_push(queue, sink, study, version, force=True) for sink in sinks]
 
 

@@ -45,10 +45,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pipeline import health
-from pipeline.admin.status import queue_depths
+from pipeline.admin.status import all_queue_depths
 from pipeline.deadletters import DeadLetters
 from pipeline.intake import IntakeLog, Kind
-from pipeline.jobs import EMBED_QUEUE, PUSH_QUEUE
 from pipeline.keys import METRICS, PUSH_COUNTS, text
 
 log = structlog.get_logger(__name__)
@@ -298,8 +297,7 @@ class StageCollector(Collector):
         jobs = GaugeMetricFamily(
             f"{PREFIX}queue_jobs", "Jobs in each queue, by state", labels=["queue", "state"]
         )
-        for queue in (EMBED_QUEUE, PUSH_QUEUE):
-            depths = queue_depths(self._redis, queue)
+        for queue, depths in all_queue_depths(self._redis).items():
             for state in QUEUE_STATES:
                 jobs.add_metric([queue, state], depths[state])
         yield jobs

@@ -33,7 +33,7 @@ from typing import Any
 import redis
 
 from pipeline import keys
-from pipeline.keys import text
+from pipeline.keys import DEFAULT_NODE, text
 from pipeline.ledger import Ledger
 from pipeline.sections import StudySettings
 
@@ -83,13 +83,15 @@ class StudyProgress:
         }
 
 
-#: KEYS: study hash, members, due zset, recent zset, retention zset. ARGV: now ms, stable ms, max
-#: wait ms, study UID, SOP UIDs... Returns the study's current version.
+#: KEYS: study hash, members, due zset, recent zset, the node's retention zset. ARGV: now ms,
+#: stable ms, max wait ms, study UID, node, SOP UIDs... The study's pushes go to the node of its
+#: latest arrival (it has that file at least). Returns the study's current version.
 _ARRIVED = """
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   redis.call('SADD', KEYS[2], ARGV[i])
   redis.call('ZREM', KEYS[5], ARGV[i])
 end
+redis.call('HSET', KEYS[1], 'node', ARGV[5])
 local now = tonumber(ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') ~= 'open' then
   redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -186,8 +188,9 @@ class Studies:
     def _now_ms(self) -> int:
         return round(self.clock() * 1000)
 
-    def arrived(self, members: Iterable[tuple[str, str]]) -> None:
-        """Instances ``(study UID, SOP UID)`` were spooled: count them in, (re)arm the timer."""
+    def arrived(self, members: Iterable[tuple[str, str]], node: str = DEFAULT_NODE) -> None:
+        """Instances ``(study UID, SOP UID)`` were spooled on listener ``node``: count them in,
+        (re)arm the timer."""
         by_study: dict[str, list[str]] = {}
         for study, sop in members:
             by_study.setdefault(study, []).append(sop)
@@ -197,20 +200,25 @@ class Studies:
         pipe = self.redis.pipeline(transaction=False)
         for study, sops in by_study.items():
             self._arrived(
-                keys=self._arrival_keys(study),
-                args=[now, self.stable_ms, self.max_wait_ms, study, *sops],
+                keys=self._arrival_keys(study, node),
+                args=[now, self.stable_ms, self.max_wait_ms, study, node, *sops],
                 client=pipe,
             )
         pipe.execute()
 
-    def _arrival_keys(self, study: str) -> list[str]:
+    def _arrival_keys(self, study: str, node: str) -> list[str]:
         return [
             keys.study_state_key(study),
             keys.study_members_key(study),
             keys.STUDIES_DUE,
             keys.STUDIES_RECENT,
-            keys.RETENTION,
+            keys.retention_key(node),
         ]
+
+    def node_of(self, study: str) -> str:
+        """The listener node whose push service pushes ``study`` (its latest arrival's)."""
+        node = self.redis.hget(keys.study_state_key(study), "node")
+        return text(node) if node is not None else DEFAULT_NODE
 
     def complete_due(self, limit: int = 100) -> list[Completed]:
         """Complete the versions that are due and ready; re-arm the others."""

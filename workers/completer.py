@@ -47,9 +47,13 @@ class Completer:
         housekeeping: Callable[[], object] = lambda: None,
         completed: Callable[[Completed], None] = lambda _done: None,
         metrics: StageMetrics | None = None,
+        queue_of: Callable[[str], Queue] | None = None,
     ) -> None:
+        """``queue_of(study)``: the push queue of the listener node holding the study's files
+        (``queue`` for every study when not given: one node)."""
         self.studies = studies
         self.queue = queue
+        self.queue_of = queue_of or (lambda _study: queue)
         self.sinks = list(sinks)
         self.final = final
         self.housekeeping = housekeeping
@@ -80,7 +84,7 @@ class Completer:
                 self._time(done)
         for study, version in self.studies.outbox():
             for sink in self.sinks:
-                enqueue_push(self.queue, sink, study, version)
+                enqueue_push(self.queue_of(study), sink, study, version)
             if self.studies.taken(study, version) and not self.sinks:
                 self.final(study, version)
         if time.monotonic() - self._last_housekeeping >= HOUSEKEEPING_SECONDS:

@@ -18,7 +18,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from pipeline import health
-from pipeline.jobs import EMBED_QUEUE, PUSH_QUEUE, EmbedBatch
+from pipeline.jobs import EMBED_QUEUE, EmbedBatch
 from workers import runtime
 from workers.completer import Completer
 from workers.janitor import GiveUp, Janitor, worker_name
@@ -46,8 +46,11 @@ def run_worker(
     _serve(connection, EMBED_QUEUE, health.WORKER, give_up, burst=burst)
 
 
-def run_pusher(connection: redis.Redis, service: PushService, completer: Completer) -> None:
-    """Serve push jobs with ``service`` and complete study versions until stopped."""
+def run_pusher(
+    connection: redis.Redis, service: PushService, completer: Completer, queue_name: str
+) -> None:
+    """Serve push jobs (of this listener node's queue) with ``service`` and complete study
+    versions until stopped."""
     runtime.bind_pusher(service)
 
     def give_up(job: Job, reason: str) -> None:
@@ -57,7 +60,7 @@ def run_pusher(connection: redis.Redis, service: PushService, completer: Complet
     log.info("pusher.started", name=worker_name(), sinks=service.sinks)
     completer.start()
     try:
-        _serve(connection, PUSH_QUEUE, health.PUSHER, give_up)
+        _serve(connection, queue_name, health.PUSHER, give_up)
     finally:
         completer.stop()
 

@@ -22,7 +22,7 @@ from rq import Queue
 from pipeline import health, keys
 from pipeline.deadletters import DeadLetters
 from pipeline.intake import IntakeLog
-from pipeline.jobs import EMBED_QUEUE, PUSH_QUEUE
+from pipeline.jobs import EMBED_QUEUE, PUSH_QUEUE, PUSH_QUEUE_PREFIX
 from pipeline.keys import text
 from pipeline.ledger import Ledger
 from pipeline.metrics import FleetCollector, images_per_minute
@@ -43,6 +43,17 @@ def queue_depths(connection: redis.Redis, name: str = EMBED_QUEUE) -> dict[str, 
     }
 
 
+def all_queue_depths(connection: redis.Redis) -> dict[str, dict[str, int]]:
+    """``embed``, and ``push``: every listener node's push queue (``push-<node>``) summed."""
+    names = [queue.name for queue in Queue.all(connection=connection)]
+    push = [name for name in names if name.startswith(PUSH_QUEUE_PREFIX)]
+    summed = dict.fromkeys(queue_depths(connection, PUSH_QUEUE), 0)
+    for name in push:
+        for state, count in queue_depths(connection, name).items():
+            summed[state] += count
+    return {EMBED_QUEUE: queue_depths(connection, EMBED_QUEUE), "push": summed}
+
+
 def studies(connection: redis.Redis, limit: int = 20) -> dict[str, Any]:
     """The most recent studies (by last arrival) with their progress and pushes."""
     versions = Studies(connection)
@@ -60,7 +71,7 @@ def sinks(connection: redis.Redis) -> dict[str, Any]:
     letters = DeadLetters(connection)
     return {
         "pushes": counts,
-        "pending": sum(queue_depths(connection, PUSH_QUEUE)[k] for k in PENDING),
+        "pending": sum(all_queue_depths(connection)["push"][k] for k in PENDING),
         "dead_lettered": letters.count(),
         "dead_letters": [letter.to_json() for letter in letters.recent(limit=20)],
     }
@@ -119,7 +130,7 @@ def gather(
         "instances": ledger.counts(),
         "counters": ledger.counters(),
         "input": intake.summary(),
-        "queues": {name: queue_depths(connection, name) for name in (EMBED_QUEUE, PUSH_QUEUE)},
+        "queues": all_queue_depths(connection),
         # live workers from their own reports (renewed every second, unlike rq's registration:
         # a killed worker is gone from here within seconds)
         "workers": [
