@@ -180,6 +180,26 @@ class Ledger:
                 pipe.hget(keys.instance_key(uid), "node")
             return [text(n) if n is not None else None for n in pipe.execute()]
 
+    def states(self, sop_uids: Sequence[str]) -> list[tuple[State | None, str | None]]:
+        """Each instance's current state (None: unknown) and, for a skipped or failed one, what
+        its state holds: the skip's reason, the failure's JSON record."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for uid in sop_uids:
+                for state, key in _STATE_KEYS.items():
+                    pipe.hget(key, uid) if state in _HASH_STATES else pipe.sismember(key, uid)
+            flags = pipe.execute()
+        out: list[tuple[State | None, str | None]] = []
+        width = len(_STATE_KEYS)
+        for n in range(len(sop_uids)):
+            row = flags[n * width : (n + 1) * width]
+            held = [(s, v) for s, v in zip(_STATE_KEYS, row, strict=True) if v]
+            if not held:
+                out.append((None, None))
+                continue
+            state, value = held[0]  # exclusive states: at most one
+            out.append((state, text(value) if state in _HASH_STATES else None))
+        return out
+
     def digests(self, sop_uids: Sequence[str]) -> list[str | None]:
         """The digest of each instance's bytes as last spooled (None: never, or not recorded)."""
         with self.redis.pipeline(transaction=False) as pipe:

@@ -17,8 +17,7 @@ from typing import Any
 
 from pipeline.admin.api import AdminState, Body, Query, bad_parameter, integer, not_found
 from pipeline.deadletters import DeadLetters
-from pipeline.keys import text
-from pipeline.ledger import _HASH_STATES, _STATE_KEYS, State
+from pipeline.ledger import State
 from pipeline.records import image_key
 from pipeline.requeue import (
     NothingToRequeue,
@@ -127,25 +126,15 @@ def _instances(
     study version, so an instance's push state is its study's latest version's, per sink."""
     if not uids:
         return []
-    with state.connection.pipeline(transaction=False) as pipe:
-        for uid in uids:
-            for key_state, key in _STATE_KEYS.items():
-                if key_state in _HASH_STATES:
-                    pipe.hget(key, uid)
-                else:
-                    pipe.sismember(key, uid)
-        flags = pipe.execute()
+    states = state.ledger.states(list(uids))
     frames = [f or (0,) for f in state.ledger.selected_frames(list(uids))]
     images = [image_key(uid, frame) for uid, fs in zip(uids, frames, strict=True) for frame in fs]
     verdicts = iter(state.store.verdicts(images))  # one round trip for the page
     push = {sink: p["state"] for sink, p in pushes.items()}
     out = []
-    for n, uid in enumerate(uids):
-        row = flags[n * len(_STATE_KEYS) : (n + 1) * len(_STATE_KEYS)]
-        held = {s: v for s, v in zip(_STATE_KEYS, row, strict=True) if v}
-        current = next(iter(held), None)  # exclusive states: at most one
-        failure = json.loads(held[current]) if current == State.FAILED else None
-        reason = text(held[current]) if current == State.SKIPPED else None
+    for n, (uid, (current, held)) in enumerate(zip(uids, states, strict=True)):
+        failure = json.loads(held) if current == State.FAILED and held else None
+        reason = held if current == State.SKIPPED else None
         out.append(
             {
                 "sop_instance_uid": uid,
