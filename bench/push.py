@@ -2,14 +2,19 @@
 
 1. ``latency``: `pacs-embed run` with the local emulator (NOT MedImageInsight) and Orthanc as the
    DICOM sink; DCMTK storescu sends a ``--slices`` study; prints the time from the last C-STORE's
-   answer to the SR being in Orthanc, against the goal ``stable_seconds + 5``, and the part of it
-   that is the stable wait itself.
+   answer to the SR being in Orthanc, against the goal ``stable_seconds + 5``, and when (from
+   the daemon's log) the version completed and the SR was pushed.
 2. ``spool``: reconciliation and retention over a spool of ``--instances`` files (tiny ones:
    the walk and the Redis round trips are what is measured), all final in the ledger; prints
    reconciliation's time and the files retention deletes per second.
 
     .venv/bin/python -m bench.push latency [--slices 200] [--stable 5]
     .venv/bin/python -m bench.push spool [--instances 100000]
+    .venv/bin/python -m bench.push sr [--images 200]
+
+3. ``sr``: building a ``--images`` study's SR as pipeline/results/sr.py does (highdicom gets
+   the study group only; the document then takes the full content tree) against handing
+   highdicom the full tree, in the same run; the two documents must be equal.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
@@ -81,7 +86,7 @@ def latency(slices: int, stable: float) -> None:
     goal = stable + 5
     print(
         f"latency: {slices}-slice study, last C-STORE -> SR in Orthanc {took:.1f} s "
-        f"(stable_seconds {stable:g} of it; goal <= {goal:g} s: {took / goal:.2f} of the goal); "
+        f"(study.stable_seconds {stable:g}; goal <= {goal:g} s: {took / goal:.2f} of the goal); "
         + ", ".join(f"{name} at +{at:.1f} s" for name, at in phases.items())
     )
 
@@ -122,6 +127,56 @@ def spool(instances: int) -> None:
     )
 
 
+def sr(images: int) -> None:
+    from highdicom.sr import ComprehensiveSR
+
+    from pipeline.results import Algorithm, ResultIdentity, build_report
+    from pipeline.results import sr as module
+    from pipeline.verdicts import InstanceVerdict, series_verdict, study_verdict
+    from tests.test_results_dicom import verdict
+
+    study, series = factory.new_uid(), factory.new_uid()
+    sources = [
+        factory.ct_slice(study_uid=study, series_uid=series, instance_number=i, rows=16)
+        for i in range(1, images + 1)
+    ]
+    verdicts: list[InstanceVerdict] = [verdict(ds) for ds in sources]
+    whole = study_verdict(study, [series_verdict(series, verdicts)])
+    args = dict(identity=ResultIdentity(study, 1), predecessor=None, now=datetime.now(UTC))
+    algorithm = Algorithm(model_version="bench", software_version="bench")
+
+    def build() -> tuple[float, object]:
+        started = time.perf_counter()
+        report = build_report(sources, verdicts, whole, algorithm=algorithm, **args)  # type: ignore[arg-type]
+        return time.perf_counter() - started, report
+
+    ours, fast = build()
+    full_tree: list[object] = []
+
+    class Reference(ComprehensiveSR):  # highdicom handed the whole tree, as it is documented
+        def __init__(self, *a: object, content: object, **k: object) -> None:
+            super().__init__(*a, content=full_tree[-1] if full_tree else content, **k)
+
+    made = module._report
+
+    def keep(groups: object) -> object:
+        report = made(groups)  # type: ignore[arg-type]
+        if len(groups) > 1:  # type: ignore[arg-type]
+            full_tree.append(report)
+        return report
+
+    module.ComprehensiveSR, module._report = Reference, keep  # type: ignore[assignment, misc]
+    try:
+        reference, slow = build()
+    finally:
+        module.ComprehensiveSR, module._report = ComprehensiveSR, made  # type: ignore[misc]
+    same = fast.ContentSequence == slow.ContentSequence  # type: ignore[attr-defined]
+    print(
+        f"sr: {images}-image report built in {ours:.2f} s, highdicom given the full tree "
+        f"{reference:.2f} s ({reference / ours:.1f}x); documents equal: {same}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -130,11 +185,15 @@ def main() -> None:
     lat.add_argument("--stable", type=float, default=5.0)
     sp = sub.add_parser("spool")
     sp.add_argument("--instances", type=int, default=100_000)
+    report = sub.add_parser("sr")
+    report.add_argument("--images", type=int, default=200)
     args = parser.parse_args()
     if args.what == "latency":
         latency(args.slices, args.stable)
-    else:
+    elif args.what == "spool":
         spool(args.instances)
+    else:
+        sr(args.images)
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ class Dispatcher:
             return
         for uid in self.requested():
             try:
-                path = self._restore(uid)
+                path = self.spool.restore(uid)
             except OSError as exc:
                 log.warning("requeue.failed", sop_instance_uid=uid, error=type(exc).__name__)
                 continue
@@ -224,25 +224,6 @@ class Dispatcher:
                 continue
             log.info("requeue.resubmitted", sop_instance_uid=uid)
             self.submit(path)
-
-    def _restore(self, uid: str) -> Path | None:
-        """The instance's spool file, moved back there from quarantine if need be (the copy
-        first, then its note: it is never in neither place); None if there is none."""
-        path = self.spool.path_for(uid)
-        if path.is_file():
-            return path
-        quarantined = self.spool.quarantine_root / path.name
-        if not quarantined.is_file():
-            return None
-        os.replace(quarantined, path)
-        for directory in (path.parent, self.spool.quarantine_root):
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.spool.release(uid)  # the quarantine note
-        return path
 
     def _take(self) -> None:
         """Record what the handlers submitted: ``spooled`` in the ledger with the digest of its

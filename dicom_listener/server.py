@@ -204,12 +204,18 @@ class Listener:
         pause = 0.5
         while True:
             time.sleep(pause)
-            try:
-                reconcile(self.spool, self.ledger, self.connection, self._submit, clean=False)
+            if self._try_reconcile():
                 return
-            except redis.RedisError as exc:
-                log.warning("reconcile.waiting_for_redis", error=type(exc).__name__)
-                pause = min(pause * 2, 10.0)
+            pause = min(pause * 2, 10.0)
+
+    def _try_reconcile(self) -> bool:
+        """One reconciliation; False (logged) when Redis does not answer."""
+        try:
+            reconcile(self.spool, self.ledger, self.connection, self._submit, clean=False)
+            return True
+        except redis.RedisError as exc:
+            log.warning("reconcile.waiting_for_redis", error=type(exc).__name__)
+            return False
 
     def start(self) -> None:
         lsn = self.settings.listener
@@ -217,12 +223,7 @@ class Listener:
         if lsn.tls_port is not None:
             ports.append((lsn.tls_port, tls_context(lsn)))  # unusable files: fail before anything
         removed = self.spool.clean_tmp()  # before any C-STORE can be writing there
-        try:
-            reconcile(self.spool, self.ledger, self.connection, self._submit, clean=False)
-            reconciled = True
-        except redis.RedisError as exc:  # accept and spool anyway; reconcile once Redis is back
-            log.warning("reconcile.waiting_for_redis", error=type(exc).__name__)
-            reconciled = False
+        reconciled = self._try_reconcile()  # else accept and spool anyway; retried meanwhile
         self.dispatcher.start()
         doorman = self.doorman
         handlers: list[Any] = [

@@ -170,6 +170,21 @@ class Spool:
         _fsync_dir(self.quarantine_root)
         return target
 
+    def restore(self, sop_uid: str) -> Path | None:
+        """The instance's spool file, moved back there from quarantine if need be (the copy
+        first, then its note: it is never in neither place); None if there is none."""
+        path = self.path_for(sop_uid)
+        if path.is_file():
+            return path
+        quarantined, _ = self._quarantine_paths(sop_uid)
+        if not quarantined.is_file():
+            return None
+        os.replace(quarantined, path)
+        _fsync_dir(path.parent)
+        _fsync_dir(self.quarantine_root)
+        self.release(sop_uid)  # the quarantine note
+        return path
+
     def release(self, sop_uid: str) -> bool:
         """Forget a quarantined copy that a resend of the instance supersedes; True if there was
         one. The resend is spooled first, so the instance is never in neither place."""

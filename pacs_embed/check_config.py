@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretStr
 
+from pacs_embed.compose import check_endpoint_auth
 from pipeline.errors import ConfigError
 from pipeline.settings import SECRET_KEYS, Settings
 
@@ -52,14 +53,8 @@ def consistent(settings: Settings) -> None:
     """What a command would refuse later although each key is valid on its own: the endpoint's
     auth against the key it is given (checked without reading a key file)."""
     ep = settings.endpoint
-    has_key = ep.key is not None or ep.key_file is not None
-    if ep.url and ep.auth == "key" and not has_key:
-        raise ConfigError(
-            "endpoint.auth: 'key' but no key is set (PACS_EMBED_ENDPOINT__KEY or "
-            "endpoint.key_file; or auth 'entra', or 'none' for a keyless emulator)"
-        )
-    if ep.url and ep.auth != "key" and has_key:
-        raise ConfigError(f"endpoint.auth: {ep.auth!r} but an endpoint key is set as well")
+    if ep.url:
+        check_endpoint_auth(ep.auth, has_key=ep.key is not None or ep.key_file is not None)
 
 
 def masked(settings: Settings) -> dict[str, Any]:

@@ -219,18 +219,18 @@ class Root:
         from pipeline.sinks.dicomweb import DicomWebSink
         from pipeline.sinks.webhook import WebhookSink
         from pipeline.stage_metrics import StageMetrics
-        from workers.push import DICOM, DICOMWEB, DatasetSink, PushService
+        from workers.push import DICOM, DICOMWEB, WEBHOOK, DatasetSink, PushService
 
-        s = self.settings
+        s, configured = self.settings, self.sinks
         sinks: dict[str, DatasetSink] = {}
-        if s.sinks.dicom.host:
+        if DICOM in configured:
             sinks[DICOM] = DicomSink(s.sinks.dicom)
-        if s.sinks.dicomweb.url:
+        if DICOMWEB in configured:
             sinks[DICOMWEB] = DicomWebSink.from_settings(
                 s.sinks.dicomweb, token=s.dicomweb_token(), password=s.dicomweb_password()
             )
         webhook = None
-        if s.sinks.webhook.url:
+        if WEBHOOK in configured:
             client = self._closing.enter_context(httpx.Client(follow_redirects=False))
             webhook = WebhookSink.from_settings(s.sinks.webhook, s.webhook_secret() or "", client)
         return PushService(
@@ -412,6 +412,17 @@ def in_flight_limiter(settings: Settings, connection: redis.Redis) -> RedisLimit
     )
 
 
+def check_endpoint_auth(auth: str, *, has_key: bool) -> None:
+    """The endpoint's auth against whether a key is given: a key with auth 'key', else none."""
+    if auth == "key" and not has_key:
+        raise ConfigError(
+            "endpoint.auth is 'key' but no key is set: PACS_EMBED_ENDPOINT__KEY or "
+            "endpoint.key_file (or endpoint.auth = 'entra', or 'none' for a keyless emulator)"
+        )
+    if auth != "key" and has_key:
+        raise ConfigError(f"endpoint.auth is {auth!r} but an endpoint key is set as well")
+
+
 def build_client(
     settings: Settings,
     connection: redis.Redis | None = None,
@@ -432,13 +443,7 @@ def build_client(
         raise ConfigError("endpoint.url is not set (PACS_EMBED_ENDPOINT__URL)")
     key = settings.endpoint_key()
     credential = None
-    if ep.auth == "key" and key is None:
-        raise ConfigError(
-            "endpoint.auth is 'key' but no key is set: PACS_EMBED_ENDPOINT__KEY or "
-            "endpoint.key_file (or endpoint.auth = 'entra', or 'none' for a keyless emulator)"
-        )
-    if ep.auth != "key" and key is not None:
-        raise ConfigError(f"endpoint.auth is {ep.auth!r} but an endpoint key is set as well")
+    check_endpoint_auth(ep.auth, has_key=key is not None)
     if ep.auth == "entra":
         credential = entra_credential(ep.managed_identity_client_id)
     metrics = None

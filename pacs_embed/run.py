@@ -23,7 +23,7 @@ import redis
 import structlog
 from rq import Queue
 
-from pacs_embed.compose import child_env, emulator_base_url, local_emulator, node_name
+from pacs_embed.compose import child_env, connect, emulator_base_url, local_emulator, node_name
 from pacs_embed.processes import PrivateRedis, spawn_self
 from pacs_embed.secrets import ensure_secret_file
 from pacs_embed.supervisor import Child, Process, Supervisor
@@ -72,7 +72,7 @@ def run(settings: Settings, config: Path | None) -> int:
         children.append(Child("emulator", role("emulator"), lambda p: _wait_http(health, p)))
         log.info("labels.disabled", reason="the local emulator is not a vision-language model")
     settings = Settings.load(config, **overrides)
-    connection = redis.Redis.from_url(settings.redis.url) if settings.redis.url else None
+    connection = connect(settings)  # the private Redis's URL or the configured one
     lsn, adm = settings.listener, settings.admin
     children.append(
         Child("listener", role("listen"), lambda p: _wait(lambda: _listening(lsn.port), p, "DICOM"))
@@ -106,14 +106,12 @@ def run(settings: Settings, config: Path | None) -> int:
 
 
 def _requeuer(
-    connection: redis.Redis | None, queue_name: str, component: str
+    connection: redis.Redis, queue_name: str, component: str
 ) -> Callable[[Process], None]:
     """What `run` does the moment a worker dies: hand its job back to the queue and free its
     endpoint slot, without waiting for its report to lapse (``workers.janitor``)."""
 
     def requeue(proc: Process) -> None:
-        if connection is None:
-            return
         dead = name_of(proc.pid)
         queue = Queue(queue_name, connection=connection)
         try:

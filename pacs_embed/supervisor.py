@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -50,7 +50,7 @@ class Child:
     started_at: float = 0.0
     short_lives: int = 0
     restart_at: float | None = None
-    restarts: int = field(default=0)
+    restarts: int = 0
 
     def spawn(self) -> None:
         self.proc = self.start()

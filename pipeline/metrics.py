@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import redis
@@ -108,11 +108,31 @@ def _field(name: str, label: str | None = None, value: str | None = None) -> str
     return f"{name}|{label}={_LABEL_VALUE.sub('_', str(value))[:40]}"
 
 
-def _bucket(bounds: tuple[float, ...], value: float) -> str:
+def bucket_label(bounds: tuple[float, ...], value: float) -> str:
+    """The ``le`` label of the (non-cumulative) bucket ``value`` falls in."""
     for bound in bounds:
         if value <= bound:
             return repr(bound)
     return "+Inf"
+
+
+def histogram_family(
+    fields: Mapping[str, float], prefix: str, name: str, bounds: tuple[float, ...], help_text: str
+) -> HistogramMetricFamily:
+    """The family ``prefix + name`` from its per-bucket ``<name>|le=<bound>`` fields (made
+    cumulative here) and ``<name>|sum``."""
+    counts: dict[str, float] = defaultdict(float)
+    for field, value in fields.items():
+        head, _, rest = field.partition("|")
+        if head == name and rest.startswith("le="):
+            counts[rest[3:]] += value
+    cumulative, buckets = 0.0, []
+    for bound in [*(repr(b) for b in bounds), "+Inf"]:
+        cumulative += counts.get(bound, 0.0)
+        buckets.append((bound, cumulative))
+    return HistogramMetricFamily(
+        f"{prefix}{name}", help_text, buckets=buckets, sum_value=fields.get(f"{name}|sum", 0.0)
+    )
 
 
 class EndpointMetrics:
@@ -125,7 +145,7 @@ class EndpointMetrics:
 
     def attempt(self, *, status: str, seconds: float, bytes_sent: int, images: int) -> None:
         """One HTTP attempt: its outcome, latency, body size and the images it embedded."""
-        bucket = _bucket(LATENCY_BUCKETS, seconds)
+        bucket = bucket_label(LATENCY_BUCKETS, seconds)
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.hincrby(METRICS, _field("requests", "status", status), 1)
             pipe.hincrby(METRICS, _field("request_seconds", "le", bucket), 1)
@@ -146,7 +166,7 @@ class EndpointMetrics:
 
     def slot_wait(self, seconds: float) -> None:
         """How long an attempt waited for a fleet-wide in-flight slot."""
-        bucket = _bucket(WAIT_BUCKETS, seconds)
+        bucket = bucket_label(WAIT_BUCKETS, seconds)
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.hincrby(METRICS, _field("slot_wait_seconds", "le", bucket), 1)
             pipe.hincrbyfloat(METRICS, "slot_wait_seconds|sum", seconds)
@@ -263,21 +283,7 @@ class FleetCollector(Collector):
 
     def _histograms(self, fields: dict[str, float]) -> Iterator[Metric]:
         for name, bounds in _HISTOGRAMS.items():
-            counts: dict[str, float] = defaultdict(float)
-            for field, value in fields.items():
-                head, _, rest = field.partition("|")
-                if head == name and rest.startswith("le="):
-                    counts[rest[3:]] += value
-            cumulative, buckets = 0.0, []
-            for bound in [*(repr(b) for b in bounds), "+Inf"]:
-                cumulative += counts.get(bound, 0.0)
-                buckets.append((bound, cumulative))
-            yield HistogramMetricFamily(
-                f"{METRIC_PREFIX}{name}",
-                _HELP[name],
-                buckets=buckets,
-                sum_value=fields.get(f"{name}|sum", 0.0),
-            )
+            yield histogram_family(fields, METRIC_PREFIX, name, bounds, _HELP[name])
 
     def _images_per_second(self) -> float:
         current = int(self._clock() // RATE_BUCKET_SECONDS)

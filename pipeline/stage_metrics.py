@@ -39,7 +39,6 @@ import structlog
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -49,6 +48,7 @@ from pipeline.admin.status import all_queue_depths
 from pipeline.deadletters import DeadLetters
 from pipeline.intake import IntakeLog, Kind
 from pipeline.keys import METRICS, PUSH_COUNTS, text
+from pipeline.metrics import bucket_label, histogram_family
 
 log = structlog.get_logger(__name__)
 
@@ -73,13 +73,6 @@ ACCEPTED, REJECTED = "accepted", "rejected"
 QUEUE_STATES = ("queued", "started", "scheduled", "failed")
 
 
-def _bucket(bounds: tuple[float, ...], value: float) -> str:
-    for bound in bounds:
-        if value <= bound:
-            return repr(bound)
-    return "+Inf"
-
-
 class Tally:
     """Counts kept in memory (no I/O: safe on the C-STORE path) until :meth:`flush` adds them to
     ``pe:metrics`` in one MULTI. Thread-safe."""
@@ -97,7 +90,7 @@ class Tally:
     def observe(self, name: str, bounds: tuple[float, ...], value: float) -> None:
         """One observation of histogram ``name``."""
         with self._lock:
-            self._counts[f"{name}|le={_bucket(bounds, value)}"] += 1
+            self._counts[f"{name}|le={bucket_label(bounds, value)}"] += 1
             self._sums[f"{name}|sum"] += value
 
     def flush(self) -> None:
@@ -181,19 +174,6 @@ def _labelled(fields: Mapping[str, float], name: str, label: str) -> dict[str, f
     return out
 
 
-def _histogram(
-    fields: Mapping[str, float], name: str, bounds: tuple[float, ...], help_text: str
-) -> HistogramMetricFamily:
-    counts = _labelled(fields, name, "le")
-    cumulative, buckets = 0.0, []
-    for bound in [*(repr(b) for b in bounds), "+Inf"]:
-        cumulative += counts.get(bound, 0.0)
-        buckets.append((bound, cumulative))
-    return HistogramMetricFamily(
-        f"{PREFIX}{name}", help_text, buckets=buckets, sum_value=fields.get(f"{name}|sum", 0.0)
-    )
-
-
 def _counter(
     name: str, help_text: str, label: str, values: Mapping[str, float], known: Iterable[str] = ()
 ) -> CounterMetricFamily:
@@ -225,8 +205,9 @@ class StageCollector(Collector):
             FLAG_KINDS,
         )
         yield from self._pushes()
-        yield _histogram(
+        yield histogram_family(
             fields,
+            PREFIX,
             "study_completion_seconds",
             COMPLETION_BUCKETS,
             "From a study version's last arrival to its delivery to every sink (to its "
@@ -286,8 +267,9 @@ class StageCollector(Collector):
             _labelled(fields, "conversions", "outcome"),
             CONVERSION_OUTCOMES,
         )
-        yield _histogram(
+        yield histogram_family(
             fields,
+            PREFIX,
             "conversion_seconds",
             CONVERSION_BUCKETS,
             "From an instance's submission to the conversion pool to its result",

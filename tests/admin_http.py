@@ -10,13 +10,42 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPResponse
+from pathlib import Path
 from typing import Any
 
+import redis
+
+from pacs_embed.compose import Root
 from pipeline.admin.server import AdminServer
+from pipeline.settings import Settings
+from tests.conftest import free_port
 
 Address = tuple[str, int]
+
+
+@contextmanager
+def serving(admin: AdminServer) -> Iterator[AdminServer]:
+    """``admin`` served from a thread for the block, shut down after it."""
+    admin.start_in_thread()
+    try:
+        yield admin
+    finally:
+        admin.shutdown()
+
+
+def composed_admin(connection: redis.Redis, state_dir: Path, token: str) -> Iterator[AdminServer]:
+    """The admin server as the composition root builds it (`pacs-embed admin`), served from a
+    thread: the body of a pytest fixture (``yield from``)."""
+    (state_dir / "spool" / "tmp").mkdir(parents=True)
+    settings = Settings.load(
+        state_dir=state_dir, admin={"host": "127.0.0.1", "port": free_port(), "token": token}
+    )
+    with serving(Root(settings, connection).admin) as admin:
+        yield admin
 
 
 def get(server: AdminServer, path: str, token: str | None = None) -> tuple[int, Any]:

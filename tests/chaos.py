@@ -49,7 +49,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import numpy as np
 import redis
@@ -544,7 +544,27 @@ class Killer:
         return False
 
 
-class RssSampler:
+class _Sampling:
+    """A daemon thread running ``_run`` for the length of a ``with`` block (``_run`` returns
+    once ``_stop`` is set)."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class RssSampler(_Sampling):
     """Peak resident memory of the listener process alone and with its children (the
     conversion pool), sampled every ``every`` seconds, across restarts."""
 
@@ -554,16 +574,7 @@ class RssSampler:
         self.every = every
         self.peak_kb = 0
         self.peak_tree_kb = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        super().__init__("rss")
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
@@ -575,7 +586,7 @@ class RssSampler:
                     self.peak_tree_kb = max(self.peak_tree_kb, tree)
 
 
-class FinalWatch:
+class FinalWatch(_Sampling):
     """Samples the final states every ``every`` seconds and records each instance that leaves
     them: a final state should never regress. Each regression says whether Redis restarted
     since the previous sample (its append-only file, fsynced every second, loses up to a second
@@ -585,16 +596,7 @@ class FinalWatch:
         self.daemon = daemon
         self.every = every
         self.regressions: list[tuple[float, str, str]] = []  # (monotonic time, uid, why)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="final-watch", daemon=True)
-
-    def __enter__(self) -> FinalWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        super().__init__("final-watch")
 
     def _run(self) -> None:
         connection = self.daemon.redis()

@@ -7,13 +7,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tests.conftest import free_port
+from tests.sinks_peers import Recorded
 
 AE_TITLE = "PACS_EMBED"
 
@@ -85,14 +89,7 @@ class Daemon:
         return (self.state_dir / "secrets" / "admin.token").read_text().strip()
 
     def _get(self, path: str, token: str | None = None) -> dict[str, Any] | None:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}")
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
-                return dict(json.load(response))
-        except OSError:
-            return None
+        return get_json(self.admin_port, path, token)
 
     def status(self) -> dict[str, Any]:
         doc = self._get("/status", self.token())
@@ -135,6 +132,44 @@ class Daemon:
             timeout=120,
             check=False,
         )
+
+
+def get_json(port: int, path: str, token: str | None = None) -> dict[str, Any] | None:
+    """GET a loopback admin endpoint's JSON; None while it does not answer (or answers garbage)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+            return dict(json.load(response))
+    except (OSError, ValueError):
+        return None
+
+
+class WebhookBodies:
+    """An HTTPReceiver handler that keeps every webhook body it is sent (and answers 204)."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def answer(self, request: Recorded) -> tuple[int, dict[str, str], bytes]:
+        with self.lock:
+            self.got.append(json.loads(request.body))
+        return 204, {}, b""
+
+    def versions(self, study: str | None = None) -> list[int]:
+        """The versions delivered so far, in order; only ``study``'s if given."""
+        with self.lock:
+            return [
+                b["version"] for b in self.got if study is None or b["study_instance_uid"] == study
+            ]
+
+    def vector(self, version: int, sop: str) -> np.ndarray:
+        with self.lock:
+            body = next(b for b in self.got if b["version"] == version)
+        image = next(i for i in body["images"] if i["sop_instance_uid"] == sop)
+        return np.asarray(image["vector"])
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -204,4 +239,31 @@ def descendants(root: int) -> list[int]:
         for child in children.get(todo.pop(), []):
             found.append(child)
             todo.append(child)
+    return found
+
+
+def argv(pid: int) -> list[bytes]:
+    """``pid``'s command line, one item per argument ([] once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def role(pid: int) -> str:
+    """The subcommand a `pacs-embed` child runs (its last argument)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")[-1].decode()
+
+
+def children(daemon: Daemon, needle: bytes = b"") -> list[int]:
+    """`run`'s live direct children with an argument holding ``needle`` (rq forks a scheduler
+    below a worker, with the same command line: only direct children count)."""
+    assert daemon.proc is not None
+    found = []
+    for pid in descendants(daemon.proc.pid):
+        fields = _stat(pid)
+        if fields is None or int(fields[1]) != daemon.proc.pid:
+            continue
+        if any(needle in arg for arg in argv(pid)):
+            found.append(pid)
     return found

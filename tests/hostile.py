@@ -24,13 +24,14 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 
 import pydicom
 import pydicom.config
+import redis
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -49,6 +50,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 
+from pipeline import keys
 from tests import factory
 
 # -- the fake patient ---------------------------------------------------------------------------
@@ -403,53 +405,54 @@ def wrong_lengths() -> list[Case]:
         ds = ct(label)
         return ds, encoded(ds, ts)
 
-    ds, data = base("length/overrun-end-short")
-    cases.append(
-        _case(
-            "length/overrun-end (SliceThickness claims 0xFFFE)",
-            "length",
-            set_length(data, SLICE_THICKNESS, 0xFFFE),
-            sop_uid=ds.SOPInstanceUID,
+    lies = [  # (label, name, tag, claimed length, transfer syntax)
+        (
+            "overrun-end-short",
+            "overrun-end (SliceThickness claims 0xFFFE)",
+            SLICE_THICKNESS,
+            0xFFFE,
+            ExplicitVRLittleEndian,
+        ),
+        (
+            "overrun-end-pixels",
+            "overrun-end (Pixel Data claims 0xFFFFFFF0)",
+            PIXEL_DATA,
+            0xFFFFFFF0,
+            ExplicitVRLittleEndian,
+        ),
+        (
+            "overrun-end-implicit",
+            "overrun-end (implicit VR, Study UID claims 0x7FFFFFFF)",
+            STUDY_UID,
+            0x7FFFFFFF,
+            ImplicitVRLittleEndian,
+        ),
+        (
+            "rows-4-bytes",
+            "Rows claims 4 bytes (misaligns the rest)",
+            ROWS_TAG,
+            4,
+            ExplicitVRLittleEndian,
+        ),
+        (
+            "undefined-on-patient-name",
+            "undefined length on Patient's Name (implicit VR)",
+            PATIENT_NAME_TAG,
+            0xFFFFFFFF,
+            ImplicitVRLittleEndian,
+        ),
+    ]
+    for label, name, tag, length, ts in lies:
+        ds, data = base(f"length/{label}", ts)
+        cases.append(
+            _case(
+                f"length/{name}",
+                "length",
+                set_length(data, tag, length, ts),
+                sop_uid=ds.SOPInstanceUID,
+                transfer_syntax=ts,
+            )
         )
-    )
-    ds, data = base("length/overrun-end-pixels")
-    cases.append(
-        _case(
-            "length/overrun-end (Pixel Data claims 0xFFFFFFF0)",
-            "length",
-            set_length(data, PIXEL_DATA, 0xFFFFFFF0),
-            sop_uid=ds.SOPInstanceUID,
-        )
-    )
-    ds, data = base("length/overrun-end-implicit", ImplicitVRLittleEndian)
-    cases.append(
-        _case(
-            "length/overrun-end (implicit VR, Study UID claims 0x7FFFFFFF)",
-            "length",
-            set_length(data, STUDY_UID, 0x7FFFFFFF, ImplicitVRLittleEndian),
-            sop_uid=ds.SOPInstanceUID,
-            transfer_syntax=ImplicitVRLittleEndian,
-        )
-    )
-    ds, data = base("length/rows-4-bytes")
-    cases.append(
-        _case(
-            "length/Rows claims 4 bytes (misaligns the rest)",
-            "length",
-            set_length(data, ROWS_TAG, 4),
-            sop_uid=ds.SOPInstanceUID,
-        )
-    )
-    ds, data = base("length/undefined-on-patient-name", ImplicitVRLittleEndian)
-    cases.append(
-        _case(
-            "length/undefined length on Patient's Name (implicit VR)",
-            "length",
-            set_length(data, PATIENT_NAME_TAG, 0xFFFFFFFF, ImplicitVRLittleEndian),
-            sop_uid=ds.SOPInstanceUID,
-            transfer_syntax=ImplicitVRLittleEndian,
-        )
-    )
     # The SOP Instance UID's length swallows everything up to the end of the patient module:
     # the data set's UID value then holds the accession number, the patient's name, ID, birth date.
     ds, data = base("length/sop-uid-swallows-patient")
@@ -1186,3 +1189,21 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
             raise EOFError
         data += chunk
     return data
+
+
+def final_states(connection: redis.Redis, uids: Iterable[str]) -> dict[str, str | None]:
+    """Each UID's final state from the ledger: embedded, failed, skipped or None (not final)."""
+    uids = list(uids)
+    with connection.pipeline() as pipe:
+        for uid in uids:
+            pipe.sismember(keys.EMBEDDED, uid)
+            pipe.hexists(keys.FAILED, uid)
+            pipe.hexists(keys.SKIPPED, uid)
+        flags = pipe.execute()
+    out: dict[str, str | None] = {}
+    for i, uid in enumerate(uids):
+        embedded, failed, skipped = flags[3 * i : 3 * i + 3]
+        out[uid] = (
+            "embedded" if embedded else "failed" if failed else "skipped" if skipped else None
+        )
+    return out

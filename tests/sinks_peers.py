@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
@@ -24,8 +24,29 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from tests.conftest import free_port
 
+if TYPE_CHECKING:
+    from tests.orthanc import Orthanc
+
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+#: The synthetic patient values of make_sr: never in a sink's error message.
+PATIENT_VALUES = ("CANARY", "PHI1")
+
+
+def assert_no_phi(error: Exception) -> None:
+    assert not any(value in str(error) for value in PATIENT_VALUES), str(error)
+
+
+def study_instances(pacs: Orthanc, study_uid: str) -> set[str]:
+    """The SOP Instance UIDs Orthanc holds in ``study_uid``, which
+    it must hold as exactly one study."""
+    studies = pacs.post("/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+    assert len(studies) == 1
+    return {
+        item["MainDicomTags"]["SOPInstanceUID"]
+        for item in pacs.get(f"/studies/{studies[0]}/instances")
+    }
 
 
 def make_sr(study_uid: str | None = None) -> Dataset:

@@ -13,14 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from pacs_embed.compose import Root
 from pipeline.admin import routes
 from pipeline.admin import server as admin_server
 from pipeline.admin.server import AdminServer
 from pipeline.ledger import Ledger, Stage
-from pipeline.settings import Settings
-from tests.admin_http import get
-from tests.conftest import free_port
+from tests.admin_http import composed_admin, get
 
 TOKEN = "t0ken"  # noqa: S105 - the test's admin token, not a secret
 
@@ -47,14 +44,7 @@ PATH = r"/(?:[\w{}]+(?:/[\w{}]+)*)?"
 @pytest.fixture
 def server(redis_conn: redis.Redis, tmp_path: Path) -> Iterator[AdminServer]:
     """The admin server `pacs-embed admin` serves, as the composition root builds it."""
-    (tmp_path / "spool" / "tmp").mkdir(parents=True)
-    settings = Settings.load(
-        state_dir=tmp_path, admin={"host": "127.0.0.1", "port": free_port(), "token": TOKEN}
-    )
-    admin = Root(settings, redis_conn).admin
-    admin.start_in_thread()
-    yield admin
-    admin.shutdown()
+    yield from composed_admin(redis_conn, tmp_path, TOKEN)
 
 
 def test_the_route_table_is_every_route(server: AdminServer) -> None:

@@ -24,7 +24,14 @@ from pipeline.admin.limits import Limits
 from pipeline.admin.routes import Route
 from pipeline.admin.server import AdminServer
 from pipeline.settings import Settings
-from tests.admin_http import Answer, closed_within, exchange, read_answer, request_bytes
+from tests.admin_http import (
+    Answer,
+    closed_within,
+    composed_admin,
+    exchange,
+    read_answer,
+    request_bytes,
+)
 from tests.conftest import free_port
 
 TOKEN = "t0ken"  # noqa: S105 - the test's admin token, not a secret
@@ -47,14 +54,7 @@ def json_error(answer: Answer, status: int) -> dict[str, object]:
 @pytest.fixture
 def server(redis_conn: redis.Redis, tmp_path: Path) -> Iterator[AdminServer]:
     """The admin server as the composition root builds it, served from a thread."""
-    (tmp_path / "spool" / "tmp").mkdir(parents=True)
-    settings = Settings.load(
-        state_dir=tmp_path, admin={"host": "127.0.0.1", "port": free_port(), "token": TOKEN}
-    )
-    admin = Root(settings, redis_conn).admin
-    admin.start_in_thread()
-    yield admin
-    admin.shutdown()
+    yield from composed_admin(redis_conn, tmp_path, TOKEN)
 
 
 def serve(routes: dict[str, Route], limits: Limits) -> AdminServer:

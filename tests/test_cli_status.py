@@ -23,22 +23,12 @@ from pipeline.ledger import Ledger, Stage
 from pipeline.records import ImageRecord
 from pipeline.store import EmbeddingStore
 from pipeline.studies import Studies
+from tests.test_cli import cli
 
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_EMBED_")}
     return {**env, **extra}
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pacs_embed", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
 
 
 # -- status ------------------------------------------------------------------------------------

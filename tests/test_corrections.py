@@ -8,20 +8,18 @@ the last.
 
 from __future__ import annotations
 
-import json
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from pydicom import Dataset
 
 from dicom_listener.spool import Spool
 from tests import factory
-from tests.daemon import Daemon, storescu, successes
-from tests.sinks_peers import HTTPReceiver, Recorded
+from tests.daemon import Daemon, WebhookBodies, storescu, successes
+from tests.sinks_peers import HTTPReceiver
 
 pytestmark = [
     pytest.mark.e2e,
@@ -29,30 +27,9 @@ pytestmark = [
 ]
 
 
-class Bodies:
-    def __init__(self) -> None:
-        self.got: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-
-    def answer(self, request: Recorded) -> tuple[int, dict[str, str], bytes]:
-        with self.lock:
-            self.got.append(json.loads(request.body))
-        return 204, {}, b""
-
-    def versions(self) -> list[int]:
-        with self.lock:
-            return [b["version"] for b in self.got]
-
-    def vector(self, version: int, sop: str) -> np.ndarray:
-        with self.lock:
-            body = next(b for b in self.got if b["version"] == version)
-        image = next(i for i in body["images"] if i["sop_instance_uid"] == sop)
-        return np.asarray(image["vector"])
-
-
 @pytest.fixture
-def world(daemon: Daemon) -> Iterator[tuple[Daemon, Bodies]]:
-    bodies = Bodies()
+def world(daemon: Daemon) -> Iterator[tuple[Daemon, WebhookBodies]]:
+    bodies = WebhookBodies()
     with HTTPReceiver(bodies.answer) as receiver:
         daemon.env.update(
             {
@@ -74,11 +51,11 @@ def events(daemon: Daemon, name: str) -> int:
     return sum(1 for line in daemon.log_lines() if line.get("event") == name)
 
 
-def test_identical_resend_is_a_no_op_and_a_correction_opens_a_new_version(
-    world: tuple[Daemon, Bodies], tmp_path: Path
-) -> None:
-    daemon, bodies = world
-    daemon.start()
+def send_version_one(
+    daemon: Daemon, bodies: WebhookBodies, tmp_path: Path
+) -> tuple[str, str, Dataset, Dataset, Path]:
+    """A two-slice study sent and delivered as version 1: (study, series, first, other, first's
+    file)."""
     study, series = factory.new_uid(), factory.new_uid()
     first = factory.ct_slice(study_uid=study, series_uid=series, instance_number=1, rows=32)
     other = factory.ct_slice(study_uid=study, series_uid=series, instance_number=2, rows=32)
@@ -86,6 +63,15 @@ def test_identical_resend_is_a_no_op_and_a_correction_opens_a_new_version(
     send(daemon, a)
     send(daemon, b)
     daemon.wait_for(lambda: bodies.versions() == [1], 60, "version 1's webhook")
+    return study, series, first, other, a
+
+
+def test_identical_resend_is_a_no_op_and_a_correction_opens_a_new_version(
+    world: tuple[Daemon, WebhookBodies], tmp_path: Path
+) -> None:
+    daemon, bodies = world
+    daemon.start()
+    study, series, first, other, a = send_version_one(daemon, bodies, tmp_path)
 
     send(daemon, a)  # the same bytes again: acknowledged, nothing redone
     daemon.wait_for(lambda: events(daemon, "store.duplicate") == 1, 10, "the resend seen")
@@ -107,19 +93,13 @@ def test_identical_resend_is_a_no_op_and_a_correction_opens_a_new_version(
 
 
 def test_after_retention_an_identical_resend_is_still_a_no_op(
-    world: tuple[Daemon, Bodies], tmp_path: Path
+    world: tuple[Daemon, WebhookBodies], tmp_path: Path
 ) -> None:
     daemon, bodies = world
     daemon.env["PACS_EMBED_SPOOL__RETENTION_HOURS"] = "0.0001"  # 0.36 s after delivery
     daemon.start()
     spool = Spool(daemon.state_dir / "spool", daemon.state_dir / "quarantine")
-    study, series = factory.new_uid(), factory.new_uid()
-    first = factory.ct_slice(study_uid=study, series_uid=series, instance_number=1, rows=32)
-    other = factory.ct_slice(study_uid=study, series_uid=series, instance_number=2, rows=32)
-    a, b = factory.write(first, tmp_path / "a.dcm"), factory.write(other, tmp_path / "b.dcm")
-    send(daemon, a)
-    send(daemon, b)
-    daemon.wait_for(lambda: bodies.versions() == [1], 60, "version 1's webhook")
+    study, series, first, other, a = send_version_one(daemon, bodies, tmp_path)
     uids = [str(first.SOPInstanceUID), str(other.SOPInstanceUID)]
     daemon.wait_for(
         lambda: not any(spool.contains(uid) for uid in uids), 30, "retention deleting both files"

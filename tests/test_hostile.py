@@ -35,6 +35,7 @@ from tests.hostile import (
     SUCCESS,
     Case,
     Outcome,
+    final_states,
 )
 
 RSS_LIMIT_BYTES = 600 * 1024 * 1024
@@ -159,23 +160,6 @@ def files_outside(root: Path, state_dir: Path, log: Path) -> set[Path]:
         for path in root.rglob("*")
         if path != log and state_dir not in path.parents and path != state_dir
     }
-
-
-def final_states(connection: redis.Redis, uids: list[str]) -> dict[str, str | None]:
-    """Each UID's final state from the ledger: embedded, failed, skipped or None (not final)."""
-    out: dict[str, str | None] = {}
-    with connection.pipeline() as pipe:
-        for uid in uids:
-            pipe.sismember(keys.EMBEDDED, uid)
-            pipe.hexists(keys.FAILED, uid)
-            pipe.hexists(keys.SKIPPED, uid)
-        flags = pipe.execute()
-    for i, uid in enumerate(uids):
-        embedded, failed, skipped = flags[3 * i : 3 * i + 3]
-        out[uid] = (
-            "embedded" if embedded else "failed" if failed else "skipped" if skipped else None
-        )
-    return out
 
 
 def failure_reason(connection: redis.Redis, uid: str) -> str:

@@ -23,25 +23,15 @@ from pipeline.errors import ConfigError
 from pipeline.intake import IntakeLog
 from pipeline.settings import Settings
 from tests import factory
-from tests.conftest import free_port
+from tests.test_listener_slots import make_listener
 
 RETIRED_US = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (Retired)
 PRIVATE = "1.3.6.1.4.1.99999.1.1"  # a vendor's own storage class
 
 
-def _listener(tmp_path: Path, url: str, **listener: object) -> Listener:
-    settings = Settings.load(
-        state_dir=tmp_path,
-        redis={"url": url},
-        listener={"host": "127.0.0.1", "port": free_port(), "min_free_disk_mb": 1, **listener},
-        log={"level": "warning"},
-    )
-    return Listener(settings, redis.Redis.from_url(url))
-
-
 @pytest.fixture
 def listener(tmp_path: Path, redis_server: str, redis_conn: redis.Redis) -> Iterator[Listener]:
-    scp = _listener(tmp_path, redis_server)
+    scp = make_listener(tmp_path, redis_server)
     scp.start()
     yield scp
     scp.stop()
@@ -106,7 +96,7 @@ def test_private_class_is_stored_when_configured(
     tmp_path: Path, redis_server: str, redis_conn: redis.Redis
 ) -> None:
     """With accept_unknown_sop_classes, a vendor-private class is negotiated and stored."""
-    scp = _listener(tmp_path, redis_server, accept_unknown_sop_classes=True)
+    scp = make_listener(tmp_path, redis_server, accept_unknown_sop_classes=True)
     scp.start()
     try:
         assert _send(scp, _image(PRIVATE)) == 0x0000
@@ -180,7 +170,7 @@ def test_rejected_calling_ae_is_logged_with_address_and_recorded(
     "calling-AE-title-not-recognized", and the log line and /status name its calling AE title
     and address."""
     monkeypatch.setenv(ALLOW_LIST_ENV, "PACS1,PACS2")
-    scp = _listener(tmp_path, redis_server)
+    scp = make_listener(tmp_path, redis_server)
     scp.start()
     with capture_logs() as logs:
         try:

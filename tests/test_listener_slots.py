@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from tests.daemon import echo
 IDLE_SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 
 
-def _listener(tmp_path: Path, url: str, **listener: object) -> Listener:
+def make_listener(tmp_path: Path, url: str, **listener: object) -> Listener:
+    """A listener (not started) on a free loopback port, with these [listener] settings.
+    Shared by the listener's test modules."""
     settings = Settings.load(
         state_dir=tmp_path,
         redis={"url": url},
@@ -39,15 +42,13 @@ def _listener(tmp_path: Path, url: str, **listener: object) -> Listener:
     return Listener(settings, redis.Redis.from_url(url))
 
 
-@pytest.fixture
-def start(
-    tmp_path: Path, redis_server: str, redis_conn: redis.Redis
-) -> Iterator[Callable[..., Listener]]:
-    """Starts a listener with these [listener] settings; stopped at the end."""
+def starting(make: Callable[..., Listener]) -> Iterator[Callable[..., Listener]]:
+    """For a fixture to yield from: starts a listener made by ``make`` with these [listener]
+    settings; every one started is stopped at the end."""
     started: list[Listener] = []
 
     def _start(**listener: object) -> Listener:
-        scp = _listener(tmp_path, redis_server, **listener)
+        scp = make(**listener)
         scp.start()
         started.append(scp)
         return scp
@@ -55,6 +56,14 @@ def start(
     yield _start
     for scp in started:
         scp.stop()
+
+
+@pytest.fixture
+def start(
+    tmp_path: Path, redis_server: str, redis_conn: redis.Redis
+) -> Iterator[Callable[..., Listener]]:
+    """Starts a listener with these [listener] settings; stopped at the end."""
+    yield from starting(partial(make_listener, tmp_path, redis_server))
 
 
 def _connect(port: int, source: str, stack: ExitStack) -> socket.socket:

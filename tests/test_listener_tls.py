@@ -26,6 +26,7 @@ from pipeline.settings import Settings
 from tests import factory
 from tests.conftest import free_port
 from tests.daemon import echo, storescu, successes
+from tests.test_listener_slots import make_listener, starting
 
 
 @dataclass(frozen=True)
@@ -132,31 +133,20 @@ def start(
     tmp_path: Path, redis_server: str, redis_conn: redis.Redis, pki: Pki
 ) -> Iterator[Callable[..., Listener]]:
     """Starts a listener with a TLS port (and these [listener] settings); stopped at the end."""
-    started: list[Listener] = []
 
-    def _start(**listener: object) -> Listener:
-        settings = Settings.load(
-            state_dir=tmp_path,
-            redis={"url": redis_server},
-            listener={
-                "host": "127.0.0.1",
-                "port": free_port(),
-                "tls_port": free_port(),
-                "tls_cert_file": str(pki.server_cert),
-                "tls_key_file": str(pki.server_key),
-                "min_free_disk_mb": 1,
-                **listener,
-            },
-            log={"level": "warning"},
-        )
-        scp = Listener(settings, redis.Redis.from_url(redis_server))
-        scp.start()
-        started.append(scp)
-        return scp
+    def make(**listener: object) -> Listener:
+        return make_listener(tmp_path, redis_server, **{**_tls_settings(pki), **listener})
 
-    yield _start
-    for scp in started:
-        scp.stop()
+    yield from starting(make)
+
+
+def _tls_settings(pki: Pki, key: Path | None = None) -> dict[str, object]:
+    """[listener] settings of a TLS port on a free port, with the server's key unless ``key``."""
+    return {
+        "tls_port": free_port(),
+        "tls_cert_file": str(pki.server_cert),
+        "tls_key_file": str(key or pki.server_key),
+    }
 
 
 @pytest.fixture
@@ -285,16 +275,6 @@ def test_tls_settings_are_checked(tmp_path: Path, redis_server: str, pki: Pki) -
         Settings.load(
             listener={"port": 2000, "tls_port": 2000, "tls_cert_file": "c", "tls_key_file": "k"}
         )
-    settings = Settings.load(
-        state_dir=tmp_path,
-        redis={"url": redis_server},
-        listener={
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "tls_port": free_port(),
-            "tls_cert_file": str(pki.server_cert),
-            "tls_key_file": str(pki.client_key),  # not the certificate's key
-        },
-    )
     with pytest.raises(ConfigError, match=r"listener\.tls_cert_file"):
-        Listener(settings, redis.Redis.from_url(redis_server)).start()
+        # not the certificate's key
+        make_listener(tmp_path, redis_server, **_tls_settings(pki, pki.client_key)).start()

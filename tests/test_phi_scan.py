@@ -73,7 +73,14 @@ from rq.job import Job
 from pipeline import keys
 from tests import factory, hostile
 from tests.daemon import AE_TITLE, Daemon, dcmtk_env
-from tests.hostile import CANNOT_UNDERSTAND, CONTEXT_REJECTED, SOP_CLASS_MISMATCH, SUCCESS, Case
+from tests.hostile import (
+    CANNOT_UNDERSTAND,
+    CONTEXT_REJECTED,
+    SOP_CLASS_MISMATCH,
+    SUCCESS,
+    Case,
+    final_states,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -948,23 +955,6 @@ def http_text(daemon: Daemon, path: str) -> tuple[int, str]:
             return int(response.status), response.read().decode("utf-8", errors="replace")
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read().decode("utf-8", errors="replace")
-
-
-def final_states(connection: redis.Redis, uids: Iterable[str]) -> dict[str, str | None]:
-    uids = list(uids)
-    with connection.pipeline() as pipe:
-        for uid in uids:
-            pipe.sismember(keys.EMBEDDED, uid)
-            pipe.hexists(keys.FAILED, uid)
-            pipe.hexists(keys.SKIPPED, uid)
-        flags = pipe.execute()
-    out: dict[str, str | None] = {}
-    for i, uid in enumerate(uids):
-        embedded, failed, skipped = flags[3 * i : 3 * i + 3]
-        out[uid] = (
-            "embedded" if embedded else "failed" if failed else "skipped" if skipped else None
-        )
-    return out
 
 
 def dcmsend(port: int, directory: Path) -> subprocess.CompletedProcess[str]:

@@ -20,9 +20,8 @@ import pytest
 
 from pipeline.sinks.webhook import IDEMPOTENCY_HEADER
 from tests import factory
-from tests.daemon import Daemon, storescu, successes
+from tests.daemon import Daemon, children, role, storescu, successes
 from tests.sinks_peers import COMPREHENSIVE_SR, HTTPReceiver, Recorded, StoreSCP
-from tests.test_worker_death import children
 
 pytestmark = [
     pytest.mark.e2e,
@@ -45,11 +44,6 @@ class Killer:
         (pid,) = [p for p in children(self.daemon, b"pacs_embed") if role(p) == "push"]
         self.killed.set()
         os.kill(pid, signal.SIGKILL)
-
-
-def role(pid: int) -> str:
-    """The subcommand a `pacs-embed` child runs (its last argument)."""
-    return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")[-1].decode()
 
 
 class KillingSCP(StoreSCP):

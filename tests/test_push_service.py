@@ -37,11 +37,11 @@ from pipeline.store import EmbeddingStore
 from pipeline.studies import Studies
 from pipeline.verdicts import SCORED, InstanceVerdict
 from tests import factory
+from tests.test_studies import Clock
 from workers import runtime
 from workers.completer import Completer
 from workers.push import DICOM, WEBHOOK, Outcome, PushService, idempotency_key
 
-T0 = 1_700_000_000.0
 STABLE = 5.0
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -54,17 +54,6 @@ PATIENT_VALUES = (
     "Doe",
     "Jane",
 )
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Killed(BaseException):

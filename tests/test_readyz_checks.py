@@ -20,7 +20,7 @@ from pipeline import health
 from pipeline.admin import status
 from pipeline.admin.probe import EndpointProbe
 from pipeline.settings import Settings
-from tests.admin_http import get
+from tests.admin_http import get, serving
 from tests.conftest import free_port
 
 TOKEN = "t0ken"  # noqa: S105 - the test's admin token
@@ -124,22 +124,14 @@ def test_readyz_names_the_endpoint_and_the_spool_when_they_fail(
     emulated = {"url": f"http://127.0.0.1:{port}/score", "auth": "none"}
     root = _admin(tmp_path, redis_conn, endpoint=emulated, emulator={"port": port})
     with EmulatorServer(root.settings.emulator):
-        admin = root.admin
-        admin.start_in_thread()
-        try:
+        with serving(root.admin) as admin:
             code, body = get(admin, "/readyz", TOKEN)
-        finally:
-            admin.shutdown()
     assert (code, body["endpoint"], body["failing"]) == (200, True, []), body
     refused = {"url": f"http://127.0.0.1:{free_port()}/score", "auth": "none"}
     root = _admin(
         tmp_path / "b", redis_conn, endpoint=refused, listener={"min_free_disk_mb": 1 << 40}
     )
-    admin = root.admin
-    admin.start_in_thread()
-    try:
+    with serving(root.admin) as admin:
         code, body = get(admin, "/readyz", TOKEN)
-    finally:
-        admin.shutdown()
     assert code == 503 and sorted(body["failing"]) == ["endpoint", "spool_free_disk"], body
     assert body["spool_writable"] is True and body["redis"] is True

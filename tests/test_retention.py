@@ -14,21 +14,10 @@ from dicom_listener.retention import Retention
 from dicom_listener.spool import Spool
 from pipeline.sections import StudySettings
 from pipeline.studies import Studies
+from tests.test_studies import Clock
 
-T0 = 1_700_000_000.0
 HOUR = 3600.0
 FILE_BYTES = 100
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class SmallDisk(Spool):

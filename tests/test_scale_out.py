@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ import redis
 
 from tests import factory
 from tests.conftest import free_port
-from tests.daemon import echo, storescu, successes
-from tests.sinks_peers import HTTPReceiver, Recorded
+from tests.daemon import WebhookBodies, echo, get_json, storescu, successes
+from tests.sinks_peers import HTTPReceiver
 
 pytestmark = [
     pytest.mark.e2e,
@@ -125,35 +124,9 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         pass
 
 
-def get_json(port: int, path: str, token: str | None = None) -> dict[str, Any] | None:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
-            return dict(json.load(response))
-    except (OSError, ValueError):
-        return None
-
-
-class Webhooks:
-    def __init__(self) -> None:
-        self.got: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-
-    def answer(self, request: Recorded) -> tuple[int, dict[str, str], bytes]:
-        with self.lock:
-            self.got.append(json.loads(request.body))
-        return 204, {}, b""
-
-    def versions(self, study: str) -> list[int]:
-        with self.lock:
-            return [b["version"] for b in self.got if b["study_instance_uid"] == study]
-
-
 @pytest.fixture
-def webhooks() -> Iterator[tuple[Webhooks, str]]:
-    hooks = Webhooks()
+def webhooks() -> Iterator[tuple[WebhookBodies, str]]:
+    hooks = WebhookBodies()
     with HTTPReceiver(hooks.answer) as receiver:
         yield hooks, receiver.url
 
@@ -178,7 +151,7 @@ def write_study(directory: Path, study: str) -> list[Path]:
 
 
 def test_two_listeners_three_workers_embed_each_instance_once_and_admins_agree(
-    redis_server: str, webhooks: tuple[Webhooks, str], tmp_path: Path
+    redis_server: str, webhooks: tuple[WebhookBodies, str], tmp_path: Path
 ) -> None:
     hooks, hook_url = webhooks
     redis.Redis.from_url(redis_server).flushdb()

@@ -18,10 +18,9 @@ from pipeline.sections import DicomWebSinkSettings
 from pipeline.sinks.dicomweb import DicomWebSink
 from tests.conftest import free_port
 from tests.orthanc import DICOMWEB_PLUGIN, Orthanc, dicomweb_available
-from tests.sinks_peers import HTTPReceiver, Recorded, make_sr
+from tests.sinks_peers import HTTPReceiver, Recorded, assert_no_phi, make_sr, study_instances
 
 DICOM_JSON = {"Content-Type": "application/dicom+json"}
-PATIENT_VALUES = ("CANARY", "PHI1")
 
 
 Answer = Callable[[Recorded], tuple[int, dict[str, str], bytes]]
@@ -56,10 +55,6 @@ def _failure_list(failed: dict[str, int], stored: dict[str, int] | None = None) 
     return answer
 
 
-def _no_phi(error: PushError) -> None:
-    assert not any(value in str(error) for value in PATIENT_VALUES), str(error)
-
-
 @pytest.mark.skipif(not dicomweb_available(), reason="orthanc-dicomweb not installed")
 def test_stow_into_orthanc_lands_in_the_study(tmp_path: Path) -> None:
     """Two SRs in one STOW-RS request are stored by Orthanc's DICOMweb plugin, in their study."""
@@ -71,16 +66,10 @@ def test_stow_into_orthanc_lands_in_the_study(tmp_path: Path) -> None:
             str(first.SOPInstanceUID): 0,
             str(second.SOPInstanceUID): 0,
         }
-        studies = pacs.post(
-            "/tools/find",
-            {"Level": "Study", "Query": {"StudyInstanceUID": str(first.StudyInstanceUID)}},
-        )
-        assert len(studies) == 1
-        stored = {
-            item["MainDicomTags"]["SOPInstanceUID"]
-            for item in pacs.get(f"/studies/{studies[0]}/instances")
+        assert study_instances(pacs, str(first.StudyInstanceUID)) == {
+            str(first.SOPInstanceUID),
+            str(second.SOPInstanceUID),
         }
-        assert stored == {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}
         # the same instances again: a resend is harmless (the caller's retries rely on it)
         sink.send([first])
         assert len(pacs.instances()) == 2
@@ -144,7 +133,7 @@ def test_failure_lists_are_classified(
     assert caught.value.status == status
     for reason in reasons:
         assert f"0x{reason:04X}" in str(caught.value)
-    _no_phi(caught.value)
+    assert_no_phi(caught.value)
 
 
 def test_warnings_are_done_and_returned() -> None:

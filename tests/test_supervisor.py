@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import factory
-from tests.daemon import Daemon, descendants, storescu, successes
+from tests.daemon import Daemon, argv, children, storescu, successes
 
 pytestmark = [
     pytest.mark.e2e,
@@ -19,19 +19,8 @@ pytestmark = [
 
 
 def workers(daemon: Daemon) -> set[int]:
-    """PIDs of `run`'s live `pacs-embed worker` children (direct children only: rq forks a
-    scheduler below a worker, with the same command line)."""
-    assert daemon.proc is not None
-    found = set()
-    for pid in descendants(daemon.proc.pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"worker" in argv and parent == daemon.proc.pid:
-            found.add(pid)
-    return found
+    """PIDs of `run`'s live `pacs-embed worker` children."""
+    return {pid for pid in children(daemon) if b"worker" in argv(pid)}
 
 
 def test_a_killed_worker_is_replaced_and_work_goes_on(daemon: Daemon, tmp_path: Path) -> None:

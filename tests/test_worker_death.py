@@ -27,7 +27,7 @@ from rq.worker import Worker
 from pipeline import health, keys
 from pipeline.embed.limiter import RedisLimiter
 from tests import factory
-from tests.daemon import Daemon, descendants, storescu, successes
+from tests.daemon import Daemon, children, storescu, successes
 from workers.janitor import MAX_WORKER_DEATHS, SCHEDULER_LOCK_SECONDS, Janitor
 
 QUEUE = "embed"
@@ -145,21 +145,6 @@ needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK
 def private_redis(daemon: Daemon) -> redis.Redis:
     url = (daemon.state_dir / "redis" / "url").read_text().strip()
     return redis.Redis.from_url(url)
-
-
-def children(daemon: Daemon, needle: bytes) -> list[int]:
-    """`run`'s direct children whose command line holds ``needle``."""
-    assert daemon.proc is not None
-    found = []
-    for pid in descendants(daemon.proc.pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == daemon.proc.pid and any(needle in arg for arg in argv):
-            found.append(pid)
-    return found
 
 
 @pytest.mark.e2e

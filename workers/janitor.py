@@ -87,11 +87,6 @@ def name_of(pid: int, host: str | None = None) -> str:
     return f"{host or socket.gethostname()}:{pid}"
 
 
-def alive(connection: redis.Redis, component: str = health.WORKER) -> set[str]:
-    """Workers (of ``component``: embed workers, push workers) whose report has not lapsed."""
-    return set(health.reports(connection, component))
-
-
 def reap(
     connection: redis.Redis,
     queue: Queue,
@@ -109,18 +104,19 @@ def reap(
     recovered = 0
     gone: set[str] = set()
     for entry in [text(e) for e in connection.zrange(registry.key, 0, -1)]:
-        name, started = _execution(connection, entry)
+        job_id, execution_id = parse_composite_key(entry)
+        name, started = _execution(connection, job_id, execution_id)
         if not name:
             continue
         is_dead = dead(name)
-        if not is_dead and not orphaned(name, parse_composite_key(entry)[0], started):
+        if not is_dead and not orphaned(name, job_id, started):
             continue
         if not connection.zrem(registry.key, entry):
             continue  # another janitor (or `run`) took it first
         if is_dead:
             gone.add(name)
         try:
-            job = Job.fetch(parse_composite_key(entry)[0], connection=connection)
+            job = Job.fetch(job_id, connection=connection)
         except NoSuchJobError:
             continue
         recovered += _recover(connection, queue, job, name, give_up)
@@ -129,10 +125,9 @@ def reap(
     return recovered
 
 
-def _execution(connection: redis.Redis, entry: str) -> tuple[str, float]:
-    """The worker running a started-registry entry (``<job id>:<execution id>``) and when it
-    started it, as rq records them on the execution ("" if that record is gone)."""
-    job_id, execution_id = parse_composite_key(entry)
+def _execution(connection: redis.Redis, job_id: str, execution_id: str) -> tuple[str, float]:
+    """The worker running a job's execution and when it started it, as rq records them ("" if
+    that record is gone)."""
     try:
         execution = Execution.fetch(execution_id, job_id, connection)
     except ValueError:
@@ -147,7 +142,7 @@ def _recover(
     job.meta["worker_deaths"] = deaths
     job.save_meta()  # type: ignore[no-untyped-call]
     if deaths >= MAX_WORKER_DEATHS:
-        reason = f"its embed worker died {deaths} times while running it (killed, out of memory?)"
+        reason = f"its worker died {deaths} times while running it (killed, out of memory?)"
         log.error("janitor.job_failed", job_id=job.id, worker=worker, deaths=deaths)
         FailedJobRegistry(queue=queue).add(job, ttl=FAILED_TTL_SECONDS, exc_string=reason)
         job.set_status(JobStatus.FAILED)

@@ -132,7 +132,8 @@ class PushService:
             self.datasets[sink].send(self.objects(sink, study, version, results))
         self.studies.pushed(study, sink, version)
         log.info("push.sent", sink=sink, study_instance_uid=study, version=version)
-        if all(self.studies.pushed_version(study, s) >= version for s in self.sinks):
+        others = [s for s in self.sinks if s != sink]  # this one has it: recorded just now
+        if all(self.studies.pushed_version(study, s) >= version for s in others):
             self._time(study, version)
             self.delivered(study, version)
         return self._count(sink, Outcome.SENT)
@@ -227,13 +228,16 @@ class PushService:
     def webhook_body(self, study: str, version: int, results: Results) -> bytes:
         """UIDs, verdicts, label checks, counts — never patient data (encode_body checks)."""
         identity = ResultIdentity(study, version)
-        images = []
-        for verdict in results.verdicts:
-            doc = verdict.to_json()
-            if self.include_vectors:
-                vector = self.store.get(verdict.image.sop_instance_uid, verdict.image.frame)
-                doc["vector"] = None if vector is None else [round(float(x), 7) for x in vector]
-            images.append(doc)
+        images = [verdict.to_json() for verdict in results.verdicts]
+        if self.include_vectors:  # the study's vectors in chunks, not a round trip per image
+            keys = [verdict.image.key for verdict in results.verdicts]
+            vectors = {
+                key: [round(float(x), 7) for x in row]
+                for found, rows in self.store.vectors_in_chunks(keys)
+                for key, row in zip(found, rows, strict=True)
+            }
+            for doc, key in zip(images, keys, strict=True):
+                doc["vector"] = vectors.get(key)
         final = self.ledger.final(results.members)
         payload: dict[str, Any] = {
             "event": "study.results",

@@ -61,9 +61,9 @@ def studies(connection: redis.Redis, limit: int = 20) -> dict[str, Any]:
     return {"recent": [p.to_json() for p in found if p is not None]}
 
 
-def sinks(connection: redis.Redis) -> dict[str, Any]:
-    """Pushes by sink and outcome, pushes waiting (queued, scheduled for a retry, running) and
-    the dead letters, newest first."""
+def sinks(connection: redis.Redis, push_depths: dict[str, int]) -> dict[str, Any]:
+    """Pushes by sink and outcome, pushes waiting (queued, scheduled for a retry, running: from
+    ``push_depths``, ``all_queue_depths``'s ``push``) and the dead letters, newest first."""
     counts: dict[str, dict[str, int]] = {}
     for field, value in connection.hgetall(keys.PUSH_COUNTS).items():
         sink, _, outcome = text(field).partition("|")
@@ -71,7 +71,7 @@ def sinks(connection: redis.Redis) -> dict[str, Any]:
     letters = DeadLetters(connection)
     return {
         "pushes": counts,
-        "pending": sum(all_queue_depths(connection)["push"][k] for k in PENDING),
+        "pending": sum(push_depths[k] for k in PENDING),
         "dead_lettered": letters.count(),
         "dead_letters": [letter.to_json() for letter in letters.recent(limit=20)],
     }
@@ -121,6 +121,7 @@ def gather(
     per minute over the last hour, oldest first."""
     reports = {component: health.reports(connection, component) for component in _UP}
     up = [report for by_name in reports.values() for report in by_name.values()]
+    queues = all_queue_depths(connection)
     return {
         "version": software_version(),
         "uptime_seconds": uptime(up, time.time()),
@@ -130,7 +131,7 @@ def gather(
         "instances": ledger.counts(),
         "counters": ledger.counters(),
         "input": intake.summary(),
-        "queues": all_queue_depths(connection),
+        "queues": queues,
         # live workers from their own reports (renewed every second, unlike rq's registration:
         # a killed worker is gone from here within seconds)
         "workers": [
@@ -139,7 +140,7 @@ def gather(
         "dispatchers": health.reports(connection, health.DISPATCHER),
         "pushers": reports[health.PUSHER],
         "studies": studies(connection),
-        "sinks": sinks(connection),
+        "sinks": sinks(connection, queues["push"]),
         "failures": [asdict(failure) for failure in ledger.failures(limit=50)],
         "skipped": {"recent": [asdict(skip) for skip in ledger.skips(limit=20)]},
         "spool": {

@@ -42,6 +42,17 @@ _LETTER_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 _REQUEUE_BODY = '{"dead_letter": "<id>"}, {"study": "<UID>"} or {"instance": "<UID>"}'
 
 
+def _page(query: Query, default: int, most: int) -> tuple[int, int, tuple[int, Body] | None]:
+    """``?limit=N&offset=M``: (limit, offset, None), or the 400 naming the one it cannot use."""
+    limit = integer(query.get("limit", str(default)), 1, most)
+    if limit is None:
+        return 0, 0, bad_parameter("limit", f"an integer from 1 to {most}")
+    offset = integer(query.get("offset", "0"), 0, MAX_OFFSET)
+    if offset is None:
+        return 0, 0, bad_parameter("offset", f"an integer from 0 to {MAX_OFFSET}")
+    return limit, offset, None
+
+
 def studies(state: AdminState, query: Query) -> tuple[int, Body]:
     """``?state=open|complete&limit=N``: the most recent studies (by last arrival) with their
     progress; with ``state``, only those in it (among the STUDIES_SCANNED most recent)."""
@@ -68,12 +79,9 @@ def study(state: AdminState, uid: str, query: Query) -> tuple[int, Body]:
     verdict of each of its images."""
     if not is_safe_uid(uid):
         return bad_parameter("study_uid", "a Study Instance UID")
-    limit = integer(query.get("limit", str(MEMBERS_LIMIT)), 1, MAX_MEMBERS)
-    if limit is None:
-        return bad_parameter("limit", f"an integer from 1 to {MAX_MEMBERS}")
-    offset = integer(query.get("offset", "0"), 0, MAX_OFFSET)
-    if offset is None:
-        return bad_parameter("offset", f"an integer from 0 to {MAX_OFFSET}")
+    limit, offset, bad = _page(query, MEMBERS_LIMIT, MAX_MEMBERS)
+    if bad is not None:
+        return bad
     versions = Studies(state.connection)
     progress = versions.progress(uid)
     if progress is None:
@@ -152,12 +160,9 @@ def _instances(
 def failures(state: AdminState, query: Query) -> tuple[int, Body]:
     """``?limit=N&offset=M``: failed instances with stage and reason, newest first, and
     ``total`` (all currently failed)."""
-    limit = integer(query.get("limit", str(FAILURES_LIMIT)), 1, MAX_FAILURES)
-    if limit is None:
-        return bad_parameter("limit", f"an integer from 1 to {MAX_FAILURES}")
-    offset = integer(query.get("offset", "0"), 0, MAX_OFFSET)
-    if offset is None:
-        return bad_parameter("offset", f"an integer from 0 to {MAX_OFFSET}")
+    limit, offset, bad = _page(query, FAILURES_LIMIT, MAX_FAILURES)
+    if bad is not None:
+        return bad
     rows = state.ledger.failures(limit=limit, offset=offset)
     return 200, {
         "failures": [asdict(row) for row in rows],
