@@ -1,6 +1,7 @@
 """Spooled instance -> PNG (process pool) -> batches per series -> embed jobs on the queue.
 
-One thread owns all of this: it takes paths from the C-STORE handlers (and from reconciliation),
+One thread owns all of this: it takes what the node's listener processes spooled (their arrival
+log, :mod:`.arrivals`) and paths from reconciliation,
 keeps the process pool busy with a bounded number of conversions, groups converted images by
 series and enqueues a batch when it is full or the series has been quiet for ``linger_seconds``.
 Memory stays bounded: conversion pauses while the embed queue is deeper than ``max_queued_jobs``,
@@ -66,6 +67,9 @@ Arrived = Callable[[Sequence[tuple[str, str]]], None]
 #: Told each conversion's outcome (converted, skipped, failed) and its seconds from submission
 #: to the pool to its result: pipeline.stage_metrics.ListenerMetrics.converted (no I/O).
 Converted = Callable[[str, float], None]
+#: Submits every unfinished spooled instance whose SOP UID is not in the set given:
+#: :func:`dicom_listener.reconcile.reconcile`, bound to the spool.
+Reconcile = Callable[[set[str], Callable[[Path], None]], object]
 
 
 @dataclass
@@ -103,11 +107,19 @@ class Dispatcher:
         requested: Callable[[], list[str]] | None = None,
         converted: Converted = lambda _outcome, _seconds: None,
         node: str | None = None,
+        spooled: Callable[[], list[str]] | None = None,
+        reconcile: Reconcile | None = None,
     ) -> None:
+        """``spooled``: takes the SOP UIDs that C-STOREs spooled since the last call;
+        ``reconcile``: submits the unfinished spooled instances but those it is told to skip,
+        run on this loop when asked (:meth:`request_reconcile`)."""
         self.node = node  # the listener node whose spool this is, recorded per instance
         self.report = report
         self.converted = converted
         self.requested = requested
+        self.spooled = spooled
+        self.reconcile = reconcile
+        self._reconcile_wanted = threading.Event()
         self.arrived = arrived
         self.forget = forget
         #: path -> (digest, study UID, written by a C-STORE just now)
@@ -144,6 +156,10 @@ class Dispatcher:
         in the spool by reconciliation or an operator's requeue)."""
         self._idle.clear()
         self.inbox.put((path, received))
+
+    def request_reconcile(self) -> None:
+        """Reconcile the spool on the next loop (the dispatcher started, or a listener did)."""
+        self._reconcile_wanted.set()
 
     def held(self) -> set[str]:
         """SOP UIDs somewhere in this dispatcher (read, waiting, converting, in a batch being
@@ -193,6 +209,7 @@ class Dispatcher:
             try:
                 self._requeue()
                 self._take()
+                self._reconcile()
                 self._announce()
                 self._fill()
                 self._collect(timeout=0.1)
@@ -225,6 +242,20 @@ class Dispatcher:
             log.info("requeue.resubmitted", sop_instance_uid=uid)
             self.submit(path)
 
+    def _reconcile(self) -> None:
+        """Submit what the spool holds unfinished, but what this loop already holds or was
+        handed: on this thread, between takes, so nothing is in passage and nothing is done
+        twice. Asked again if it fails (Redis away): the loop backs off and retries."""
+        if self.reconcile is None or not self._reconcile_wanted.is_set():
+            return
+        self._reconcile_wanted.clear()
+        inbox = {Spool.uid_of(path) for path, _received in list(self.inbox.queue)}
+        try:
+            self.reconcile(self.held() | inbox, self.submit)
+        except Exception:
+            self._reconcile_wanted.set()
+            raise
+
     def _take(self) -> None:
         """Record what the handlers submitted: ``spooled`` in the ledger with the digest of its
         bytes, and its arrival in its study (``_announce``).
@@ -235,6 +266,9 @@ class Dispatcher:
         arrival opens a new version of its study. Paths wait in ``_arriving`` until this
         succeeds, so a Redis error loses none of them.
         """
+        if self.spooled is not None:
+            for uid in self.spooled():
+                self.inbox.put((self.spool.path_for(uid), True))
         while True:
             try:
                 path, received = self.inbox.get_nowait()
@@ -303,23 +337,32 @@ class Dispatcher:
             self._stop.wait(timeout)
             return
         done, _ = cf.wait(list(self._futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
-        for future in done:
-            path = self._futures.pop(future)
-            submitted = self._submitted.pop(future, time.monotonic())
-            try:
-                outcome = self._settle(path, future)
-            except Exception:
-                # Redis unreachable mid-way: convert this one again later rather than hold a
-                # result whose ledger entry may be missing. The loop backs off on the raise.
-                self._waiting.append(path)
-                raise
-            self.converted(outcome, time.monotonic() - submitted)
+        images: list[tuple[Path, ConvertedImage]] = []
+        try:
+            for future in done:
+                path = self._futures.pop(future)
+                submitted = self._submitted.pop(future, time.monotonic())
+                try:
+                    outcome = self._settle(path, future)
+                except Exception:
+                    self._waiting.append(path)
+                    raise
+                if outcome == "converted":
+                    images.append((path, future.result()))
+                self.converted(outcome, time.monotonic() - submitted)
+            self._record(images)
+        except Exception:
+            # Redis unreachable mid-way: convert these again later rather than hold results
+            # whose ledger entries may be missing. The loop backs off on the raise.
+            self._waiting.extend(path for path, _ in images)
+            raise
 
     def _settle(self, path: Path, future: cf.Future[ConvertedImage]) -> str:
-        """Record a conversion's result; returns its outcome: converted, skipped or failed."""
+        """Record a failed or skipped conversion; returns the outcome: converted (recorded by
+        :meth:`_record`, with the others that finished together), skipped or failed."""
         sop_uid = Spool.uid_of(path)
         try:
-            image = future.result()
+            future.result()
         except SkippedError as exc:
             self.ledger.skipped(sop_uid, str(exc))
             log.info("convert.skipped", sop_instance_uid=sop_uid, reason=str(exc))
@@ -330,13 +373,28 @@ class Dispatcher:
         except Exception as exc:  # a crashed pool process, a bug: quarantine, never lose silently
             self._quarantine(sop_uid, path, "conversion crashed", f"{type(exc).__name__}: {exc}")
             return "failed"
-        record = image.images[0]
-        fields = {**record.instance_fields(), "decoder": image.decoder}
-        self.ledger.converted(sop_uid, fields, image.frames)
-        series = self._pending.setdefault(record.series_instance_uid, _Series())
-        series.last_seen = time.monotonic()
-        series.items.extend(items_of(image))
         return "converted"
+
+    def _record(self, images: Sequence[tuple[Path, ConvertedImage]]) -> None:
+        """Record conversions in one transaction (one round trip, one fsync of Redis's
+        append-only file, however many finished together), then add their images to their
+        series' batches."""
+        if not images:
+            return
+        self.ledger.converted_many(
+            [
+                (
+                    Spool.uid_of(path),
+                    {**image.images[0].instance_fields(), "decoder": image.decoder},
+                    image.frames,
+                )
+                for path, image in images
+            ]
+        )
+        for _path, image in images:
+            series = self._pending.setdefault(image.images[0].series_instance_uid, _Series())
+            series.last_seen = time.monotonic()
+            series.items.extend(items_of(image))
 
     def _quarantine(self, sop_uid: str, path: Path, reason: str, detail: str = "") -> None:
         # The detail is a library's text (decoder errors); it goes to Redis and the log, so any

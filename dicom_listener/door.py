@@ -164,16 +164,27 @@ class DoorServer(ThreadedAssociationServer):
         doorman: Doorman,
         intake: IntakeLog,
         request_timeout: float,
+        reuse_port: bool = False,
     ) -> None:
         self.doorman = doorman
         self.intake = intake
         self.request_timeout = request_timeout
+        self.reuse_port = reuse_port
         self.stopping = False  # connections ended by shutdown() are not refusals
         self._open: dict[threading.Thread, _Open] = {}
         self._open_lock = threading.Lock()
         super().__init__(
             ae, address, ae_title, contexts, ssl_context, evt_handlers, _WholeConnection
         )
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind, and with ``reuse_port`` (``listener.processes`` > 1) SO_REUSEPORT,
+        so the node's listener processes share the port and the kernel spreads connections over
+        them. Only then: with it, a second daemon started on the same port by mistake would
+        silently take half the associations instead of failing to start."""
+        if self.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = cast(socket.socket, self.socket).accept()

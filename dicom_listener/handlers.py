@@ -14,6 +14,7 @@ a sender's "sent" did not arrive. Nothing here logs a value from the data set.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, cast
@@ -116,8 +117,10 @@ def handle_store(
     gate: BackPressure,
     submit: Callable[[Path], None],
     intake: IntakeLog,
+    timed: Callable[[float], None] = lambda _seconds: None,
 ) -> int:
-    """EVT_C_STORE: durable first, then 0x0000; every failure mapped by ``status_for``."""
+    """EVT_C_STORE: durable first, then 0x0000; every failure mapped by ``status_for``.
+    ``timed`` is told how long each durable write took (the disk's share of an answer)."""
     request = cast(C_STORE, event.request)
     sop_uid = str(request.AffectedSOPInstanceUID or "")
     sop_class = str(request.AffectedSOPClassUID or "")
@@ -138,7 +141,9 @@ def handle_store(
         data = data or event.encoded_dataset()
         # Different bytes under a spooled UID: a correction replaces the first copy (and opens a
         # new version of its study, docs/architecture.md §11).
+        started = time.perf_counter()
         path = spool.write(sop_uid, data, replace=existing)
+        timed(time.perf_counter() - started)
         if path is None:
             bound.info("store.duplicate")  # the same instance won the race on another association
             return StoreStatus.SUCCESS

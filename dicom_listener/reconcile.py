@@ -10,7 +10,7 @@ skips what the store already has).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,21 +37,26 @@ def reconcile(
     submit: Callable[[Path], None],
     *,
     clean: bool = True,
+    skip: Collection[str] = (),
 ) -> dict[str, int]:
     """Resubmit every unfinished spooled instance; return counts for the start-up log.
 
-    ``clean``: first remove the partial writes a crash left — only while no C-STORE can be
-    writing (the listener does it itself before it accepts associations, then reconciles)."""
+    ``clean``: first remove the partial writes a crash left — only while no listener runs.
+    ``skip``: SOP UIDs on their way already (held by the dispatcher, or on the arrival log)."""
     counts = {
         "partial_writes_removed": spool.clean_tmp() if clean else 0,
         "spooled": 0,
         "final": 0,
         "waiting": 0,
+        "on_their_way": 0,
         "resubmitted": 0,
     }
     running = _Running.read(connection)
     chunk: list[Path] = []
     for path in spool.walk():
+        if skip and Spool.uid_of(path) in skip:
+            counts["on_their_way"] += 1
+            continue
         chunk.append(path)
         if len(chunk) >= CHUNK:
             _reconcile_chunk(chunk, ledger, connection, submit, counts, running)

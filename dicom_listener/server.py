@@ -1,13 +1,14 @@
-"""Wiring for the listener host: spool, dispatcher, reconciliation and the pynetdicom SCP, on
-``listener.port`` and, with TLS, also on ``listener.tls_port`` (one AE, one set of handlers, the
-door of :mod:`.door` on each)."""
+"""Wiring for one listener process: the pynetdicom SCP on ``listener.port`` and, with TLS, also
+on ``listener.tls_port`` (one AE, one set of handlers, the door of :mod:`.door` on each), the
+spool it writes and the arrival log that hands each instance to the node's dispatcher, which
+runs in a process of its own (:mod:`.dispatch_host`). Several listener processes may share the
+ports (``listener.processes``)."""
 
 from __future__ import annotations
 
 import ssl
 import threading
 import time
-from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
@@ -18,9 +19,8 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from rq import Queue
 
-from dicom_listener.dispatcher import Dispatcher, DispatchLimits
+from dicom_listener.arrivals import ArrivalLog
 from dicom_listener.door import Doorman, DoorServer, tls_context
 from dicom_listener.handlers import (
     handle_accepted,
@@ -31,21 +31,15 @@ from dicom_listener.handlers import (
     handle_requested,
     handle_store,
 )
-from dicom_listener.reconcile import Sweeper, reconcile
 from dicom_listener.sop_classes import accept_unknown, storage_sop_classes
 from dicom_listener.spool import Spool
 from dicom_listener.status import StoreStatus
 from pipeline import health
-from pipeline.convert import DECODABLE_TRANSFER_SYNTAXES, ConvertOptions
+from pipeline.convert import DECODABLE_TRANSFER_SYNTAXES
 from pipeline.intake import IntakeLog
-from pipeline.jobs import EMBED_QUEUE, EmbedBatch, enqueue_batch
 from pipeline.keys import DEFAULT_NODE
-from pipeline.ledger import Ledger
-from pipeline.requeue import requested_instances
 from pipeline.settings import Settings
 from pipeline.stage_metrics import ListenerMetrics
-from pipeline.store import EmbeddingStore
-from pipeline.studies import Studies
 
 log = structlog.get_logger(__name__)
 
@@ -53,9 +47,8 @@ log = structlog.get_logger(__name__)
 #: JPEG-LS, JPEG 2000, RLE), so nothing is accepted that would only be quarantined later.
 TRANSFER_SYNTAXES = list(DECODABLE_TRANSFER_SYNTAXES)
 
-#: How often queued instances are checked for a job that will never run (two checks in a row
-#: resubmit one: ``reconcile.Sweeper``).
-SWEEP_SECONDS = 10.0
+#: How often the listener publishes its health (open associations) and flushes its counts.
+REPORT_SECONDS = 2.0
 
 
 def _any_uid(_value: object) -> tuple[bool, str]:
@@ -71,16 +64,16 @@ _config.VALIDATORS["UI"] = _any_uid
 class Gate:
     """Back-pressure for the C-STORE handler: low disk or a deep backlog -> 0xA700."""
 
-    def __init__(self, spool: Spool, dispatcher: Dispatcher, min_free_bytes: int, max_backlog: int):
+    def __init__(self, spool: Spool, arrivals: ArrivalLog, min_free_bytes: int, max_backlog: int):
         self.spool = spool
-        self.dispatcher = dispatcher
+        self.arrivals = arrivals
         self.min_free_bytes = min_free_bytes
         self.max_backlog = max_backlog
 
     def refuse_reason(self) -> str | None:
         if self.spool.free_bytes() < self.min_free_bytes:
             return "free disk under the watermark"
-        if self.dispatcher.backlog() >= self.max_backlog:
+        if self.arrivals.backlog() >= self.max_backlog:
             return "backlog over its bound"
         return None
 
@@ -115,7 +108,8 @@ def data_set_bytes(event: Event) -> int:
 
 
 class Listener:
-    """The listener host's processes-in-one: start() reconciles, then accepts associations."""
+    """One listener process: start() cleans its partial writes, asks the node's dispatcher to
+    reconcile the spool (with its first write), and accepts associations."""
 
     def __init__(
         self, settings: Settings, connection: redis.Redis, node: str = DEFAULT_NODE
@@ -126,105 +120,54 @@ class Listener:
         self.node = node
         self._stopping = threading.Event()
         self.spool = Spool(settings.spool_dir, settings.quarantine_dir)
-        self.ledger = Ledger(connection)
         self.intake = IntakeLog(connection)
-        self.queue = Queue(EMBED_QUEUE, connection=connection)
-        #: C-STOREs, bytes, associations accepted, conversions: counted in memory, written to
-        #: Redis with each report (so an answer never waits for Redis) and at stop.
+        #: C-STOREs, bytes, associations accepted: counted in memory, written to Redis every
+        #: few seconds (so an answer never waits for Redis) and at stop.
         self.metrics = ListenerMetrics(connection)
-        self.dispatcher = Dispatcher(
-            spool=self.spool,
-            ledger=self.ledger,
-            enqueue=self._enqueue,
-            queue_depth=lambda: self.queue.count,
-            options=ConvertOptions.from_settings(settings),
-            limits=DispatchLimits.from_settings(settings),
-            processes=settings.convert.processes,
-            log_settings=(settings.log.level, settings.log.format),
-            report=self._report,
-            arrived=partial(Studies(connection, settings.study).arrived, node=node),
-            node=node,
-            forget=EmbeddingStore(connection, self.ledger).forget,
-            requested=lambda: requested_instances(connection),
-            converted=self.metrics.converted,
-        )
+        self.arrivals = ArrivalLog(connection, node)
         self.doorman = Doorman(settings.listener)
         self.started = time.time()
         self.gate = Gate(
             self.spool,
-            self.dispatcher,
+            self.arrivals,
             settings.listener.min_free_disk_mb * 1024 * 1024,
             settings.listener.max_backlog,
         )
         self.servers: list[DoorServer] = []
 
-    def _enqueue(self, batch: EmbedBatch) -> str:
-        qs = self.settings.queue
-        return enqueue_batch(
-            self.queue, batch, timeout=qs.job_timeout_seconds, retries=qs.max_retries
-        )
-
-    def _submit(self, path: Path) -> None:
-        self.dispatcher.submit(path)
-
     def _received(self, path: Path) -> None:
-        self.dispatcher.submit(path, received=True)
+        self.arrivals.add(Spool.uid_of(path))
 
     def _store(self, event: Event) -> int:
         """EVT_C_STORE: :func:`handle_store`, counting each instance stored per association,
         and every answer by status with its data set's bytes (in memory)."""
-        status = handle_store(event, self.spool, self.gate, self._received, self.intake)
+        status = handle_store(
+            event, self.spool, self.gate, self._received, self.intake, self.metrics.spooled
+        )
         if status == StoreStatus.SUCCESS:
             self.doorman.stored(event.assoc)
         self.metrics.stored(status, data_set_bytes(event))
         return status
 
-    def _report(self, report: dict[str, object]) -> None:
-        """Every few seconds, from the dispatcher's loop: its health, and this listener's open
-        associations (/status ``associations``) with when it started (``uptime_seconds``)."""
-        health.publish(self.connection, health.DISPATCHER, report)
-        listener = {"since": self.started, "associations": self.doorman.held(), "at": time.time()}
-        health.publish(self.connection, health.LISTENER, listener)
-        self.metrics.flush()
-
-    def _sweep(self) -> None:
-        """Every :data:`SWEEP_SECONDS`: resubmit queued instances whose job will never run (a
-        worker lost Redis mid-job, say), found stuck twice in a row (``reconcile.Sweeper``)."""
-        sweeper = Sweeper(self.spool, self.ledger, self.connection)
-        while not self._stopping.wait(SWEEP_SECONDS):
-            try:
-                sweeper.sweep(self.dispatcher.held, self._submit)
-            except redis.RedisError as exc:
-                log.debug("reconcile.sweep_failed", error=type(exc).__name__)
-
-    def _reconcile(self) -> None:
-        """Reconciliation that found Redis away at start, retried until it answers; meanwhile
-        the listener accepts and spools (acknowledged means durable, not recorded). A path it
-        submits that a C-STORE submitted too is converted twice: idempotent."""
-        pause = 0.5
-        while True:
-            time.sleep(pause)
-            if self._try_reconcile():
-                return
-            pause = min(pause * 2, 10.0)
-
-    def _try_reconcile(self) -> bool:
-        """One reconciliation; False (logged) when Redis does not answer."""
-        try:
-            reconcile(self.spool, self.ledger, self.connection, self._submit, clean=False)
-            return True
-        except redis.RedisError as exc:
-            log.warning("reconcile.waiting_for_redis", error=type(exc).__name__)
-            return False
+    def _report(self) -> None:
+        """Every few seconds: this process's open associations (/status ``associations``) with
+        when it started (``uptime_seconds``), and its counts."""
+        while not self._stopping.wait(REPORT_SECONDS):
+            listener = {
+                "since": self.started,
+                "associations": self.doorman.held(),
+                "at": time.time(),
+            }
+            health.publish(self.connection, health.LISTENER, listener)
+            self.metrics.flush()
 
     def start(self) -> None:
         lsn = self.settings.listener
         ports: list[tuple[int, ssl.SSLContext | None]] = [(lsn.port, None)]
         if lsn.tls_port is not None:
             ports.append((lsn.tls_port, tls_context(lsn)))  # unusable files: fail before anything
-        removed = self.spool.clean_tmp()  # before any C-STORE can be writing there
-        reconciled = self._try_reconcile()  # else accept and spool anyway; retried meanwhile
-        self.dispatcher.start()
+        removed = self.spool.use_own_tmp()  # before any C-STORE of ours can be writing there
+        self.arrivals.start()
         doorman = self.doorman
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._store),
@@ -248,16 +191,15 @@ class Listener:
                 doorman=doorman,
                 intake=self.intake,
                 request_timeout=lsn.association_request_timeout_seconds,
+                reuse_port=lsn.processes > 1,
             )
             self.servers.append(cast(DoorServer, server))
             threading.Thread(
                 target=server.serve_forever, name=f"DicomListener@{port}", daemon=True
             ).start()
-        if not reconciled:
-            threading.Thread(target=self._reconcile, name="reconcile", daemon=True).start()
-        threading.Thread(target=self._sweep, name="sweeper", daemon=True).start()
+        threading.Thread(target=self._report, name="report", daemon=True).start()
         if removed:
-            log.info("reconcile.partial_writes_removed", files=removed)
+            log.info("listener.partial_writes_removed", files=removed)
         log.info(
             "listener.started",
             ae_title=lsn.ae_title,
@@ -271,6 +213,6 @@ class Listener:
         self._stopping.set()
         while self.servers:
             self.servers.pop().shutdown()
-        self.dispatcher.stop()
+        self.arrivals.stop()
         self.metrics.flush()
         log.info("listener.stopped")

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -62,11 +62,39 @@ def _link_or_replace(tmp_name: str, final: Path) -> bool:
     return True
 
 
+#: The spool's directory of partial writes, one subdirectory per listener process.
+TMP = "tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
+def _remove_parts(top: Path, owned_by: Callable[[int], bool]) -> int:
+    """Remove the partial writes under ``top`` except those in the directory of a process for
+    which ``owned_by(pid)`` holds; returns how many files went."""
+    removed = 0
+    for entry in top.iterdir():
+        if not entry.is_dir():
+            entry.unlink(missing_ok=True)  # a flat tmp/ of an earlier version
+            removed += 1
+        elif not (entry.name.isdigit() and owned_by(int(entry.name))):
+            removed += sum(1 for part in entry.iterdir() if part.is_file())
+            shutil.rmtree(entry, ignore_errors=True)
+    return removed
+
+
 class Spool:
     def __init__(self, root: Path, quarantine: Path) -> None:
         self.root = root
         self.quarantine_root = quarantine
-        self.tmp = root / "tmp"
+        self.tmp = root / TMP
         for directory in (root, self.tmp, quarantine):
             directory.mkdir(parents=True, exist_ok=True)
         created = False
@@ -133,15 +161,22 @@ class Spool:
     def walk(self) -> Iterator[Path]:
         """Every spooled instance file (the shard directories only, never tmp)."""
         for shard in sorted(self.root.iterdir()):
-            if shard.is_dir() and shard != self.tmp:
+            if shard.is_dir() and shard.name != TMP:
                 yield from (p for p in shard.iterdir() if p.suffix == SUFFIX)
 
     def clean_tmp(self) -> int:
-        """Remove partial writes left by a crash: they were never acknowledged."""
-        removed = 0
-        for part in self.tmp.iterdir():
-            part.unlink(missing_ok=True)
-            removed += 1
+        """Remove every partial write (left by a crash: never acknowledged). Only while no
+        listener runs; a running one uses :meth:`use_own_tmp`."""
+        return _remove_parts(self.root / TMP, owned_by=lambda _pid: False)
+
+    def use_own_tmp(self) -> int:
+        """Write partial files in ``tmp/<pid>`` from now on, and remove those of processes that
+        are gone; returns how many. Several listener processes share one spool: one that starts
+        must not take another's partial write, which is being received, for a crash's."""
+        top = self.root / TMP
+        removed = _remove_parts(top, owned_by=_alive)
+        self.tmp = top / str(os.getpid())
+        self.tmp.mkdir(exist_ok=True)
         return removed
 
     def free_bytes(self) -> int:

@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML settings file (env vars override it)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="everything on this machine, in the foreground")
-    sub.add_parser("listen", help="the DICOM listener (spool, conversion, enqueue)")
+    sub.add_parser("listen", help="a DICOM listener process (C-STORE to the spool)")
+    sub.add_parser("dispatch", help="a listener node's dispatcher (conversion, enqueue)")
     worker = sub.add_parser("worker", help="an embed worker")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     sub.add_parser("admin", help="the admin HTTP endpoint")
@@ -101,6 +102,16 @@ def listen(_args: argparse.Namespace, root: Root) -> int:
         _wait_for_signal()
     finally:
         listener.stop()
+    return 0
+
+
+def dispatch(_args: argparse.Namespace, root: Root) -> int:
+    host = root.dispatch_host
+    host.start()
+    try:
+        _wait_for_signal()
+    finally:
+        host.stop()
     return 0
 
 
@@ -222,6 +233,7 @@ Command = Callable[[argparse.Namespace, Root], int]
 COMMANDS: dict[str, Command] = {
     "run": run,
     "listen": listen,
+    "dispatch": dispatch,
     "worker": worker,
     "admin": admin,
     "push": push,

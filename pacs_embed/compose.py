@@ -5,7 +5,8 @@ and keeps it, so one process has one Redis connection, one ledger, one store, on
 
     settings -> redis -> ledger, intake log -> embeddings store, reference sets, cohort rule
              -> in-flight limiter -> endpoint client -> detector -> embed service (a worker)
-             -> listener; admin server (the route table over the same objects); emulator
+             -> listener, dispatch host; admin server (the route table over the same
+             objects); emulator
 
 Nothing is built before a command asks for it, and the modules behind the heavy objects
 (pynetdicom, rq, the detector, the HTTP client) are imported by the property that builds them,
@@ -41,6 +42,7 @@ from pipeline.ledger import Ledger
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
+    from dicom_listener.dispatch_host import DispatchHost
     from dicom_listener.retention import Retention
     from dicom_listener.server import Listener
     from dicom_listener.spool import Spool
@@ -161,7 +163,13 @@ class Root:
         """Serve embed jobs in this process until stopped (``workers.main``)."""
         from workers.main import run_worker
 
-        run_worker(self.redis, self.embed_service, burst=burst, endpoint=self.settings.endpoint.url)
+        run_worker(
+            self.redis,
+            self.embed_service,
+            burst=burst,
+            endpoint=self.settings.endpoint.url,
+            concurrency=self.settings.workers.concurrency,
+        )
 
     # -- study versions and the push service (on the listener host) ----------------------------
 
@@ -290,6 +298,12 @@ class Root:
         from dicom_listener.server import Listener
 
         return Listener(self.settings, self.redis, self.node)
+
+    @cached_property
+    def dispatch_host(self) -> DispatchHost:
+        from dicom_listener.dispatch_host import DispatchHost
+
+        return DispatchHost(self.settings, self.redis, self.node)
 
     @cached_property
     def fleet_metrics(self) -> FleetCollector:

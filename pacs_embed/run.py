@@ -1,12 +1,13 @@
 """`pacs-embed run`: the whole daemon on one machine, in the foreground, supervised.
 
 Every part is its own child process — a private Redis under the state dir and the local endpoint
-(emulator) when none is configured, then the listener, the admin endpoint, the push service
-(study completion, result pushes, spool retention) and the embed workers —
+(emulator) when none is configured, then the node's dispatcher (conversion, enqueue), its
+listener processes (``listener.processes``, sharing the DICOM port), the admin endpoint, the push
+service (study completion, result pushes, spool retention) and the embed workers —
 so a crash of one never takes another with it, and each is restarted when it dies
-(``pacs_embed.supervisor``): Redis from its append-only file, the listener after reconciling the
-spool, a worker after its job was handed back to the queue. Ctrl-C (or SIGTERM) stops everything
-in reverse order. (docs/architecture.md §2.)
+(``pacs_embed.supervisor``): Redis from its append-only file, a listener (its dispatcher then
+reconciles the spool), a worker after its job was handed back to the queue. Ctrl-C (or SIGTERM)
+stops everything in reverse order. (docs/architecture.md §2.)
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def run(settings: Settings, config: Path | None) -> int:
     settings = Settings.load(config, **overrides)
     connection = connect(settings)  # the private Redis's URL or the configured one
     lsn, adm = settings.listener, settings.admin
-    children.append(
-        Child("listener", role("listen"), lambda p: _wait(lambda: _listening(lsn.port), p, "DICOM"))
-    )
+    children.append(Child("dispatcher", role("dispatch")))
+    for name in _listener_names(lsn.processes):
+        ready = lambda p: _wait(lambda: _listening(lsn.port), p, "DICOM")  # noqa: E731
+        children.append(Child(name, role("listen"), ready))
     admin_url = f"http://{_local(adm.host)}:{adm.port}/healthz"
     children.append(Child("admin", role("admin"), lambda p: _wait_http(admin_url, p)))
     pushes = push_queue(node_name(settings.state_dir))
@@ -103,6 +105,13 @@ def run(settings: Settings, config: Path | None) -> int:
         if private_redis is not None:
             private_redis.forget()
         log.info("run.stopped")
+
+
+def _listener_names(processes: int) -> list[str]:
+    """``listener``, or ``listener-1`` … when several share the port."""
+    if processes == 1:
+        return ["listener"]
+    return [f"listener-{i + 1}" for i in range(processes)]
 
 
 def _requeuer(

@@ -79,6 +79,15 @@ Permanent::
                                              version, reason, at}
     pe:deadletter:recent             zset    push job id -> time dead-lettered
 
+Arrivals (dicom_listener/arrivals.py): the hand-off from a node's listener processes to its
+dispatcher. A listener pushes each instance it spooled (in batches, after the instance is durable)
+and asks for a reconciliation of the spool when it starts; the dispatcher takes the list, clears
+the request, and publishes how much it holds, which the listeners' back-pressure reads::
+
+    pe:arrivals:*                    list    [node] SOP UIDs spooled, oldest first
+    pe:reconcile:*                   string  [node] "1": a listener started, reconcile the spool
+    pe:backlog:*                     string  [node] instances the dispatcher holds (expires)
+
 Requeued instances (pipeline/requeue.py): failed instances an operator asked to be converted and
 embedded again (``pacs-embed requeue --instance``, POST /requeue). Written by either, drained
 by the listeners' dispatchers within a second::
@@ -236,6 +245,22 @@ RETENTION = retention_key(DEFAULT_NODE)
 DEAD_LETTERS = _key("deadletter")
 DEAD_LETTERS_RECENT = _key("deadletter", "recent")
 
+# -- arrivals (dicom_listener/arrivals.py) ---------------------------------------------------
+def arrivals_key(node: str) -> str:
+    """Instances listener node ``node`` spooled that its dispatcher has not taken yet."""
+    return _key("arrivals", node)
+
+
+def reconcile_key(node: str) -> str:
+    """Set by a starting listener: its node's dispatcher reconciles the spool."""
+    return _key("reconcile", node)
+
+
+def backlog_key(node: str) -> str:
+    """How many instances node ``node``'s dispatcher holds (the listeners' back-pressure)."""
+    return _key("backlog", node)
+
+
 # -- requeued instances (pipeline/requeue.py) ------------------------------------------------
 REQUEUE_INSTANCES = _key("requeue", "instances")
 
@@ -333,6 +358,9 @@ NAMESPACE: tuple[Key, ...] = (
     Key(retention_key("*"), "zset", "dicom_listener.retention"),
     Key(DEAD_LETTERS, "hash", "pipeline.deadletters"),
     Key(DEAD_LETTERS_RECENT, "zset", "pipeline.deadletters"),
+    Key(arrivals_key("*"), "list", "dicom_listener.arrivals"),
+    Key(reconcile_key("*"), "string", "dicom_listener.arrivals"),
+    Key(backlog_key("*"), "string", "dicom_listener.arrivals"),
     Key(REQUEUE_INSTANCES, "list", "pipeline.requeue"),
     Key(EMB_VECTORS, "hash", _STORE),
     Key(EMB_META, "hash", _STORE),

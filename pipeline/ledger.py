@@ -229,12 +229,23 @@ class Ledger:
     ) -> None:
         """Record conversion: the non-PHI header fields later stages report on, and the frames
         selected for embedding (the instance is embedded once all of them are stored)."""
-        mapping = {**fields, "frames": ",".join(map(str, frames))} if frames else dict(fields)
+        self.converted_many([(sop_uid, fields, frames)])
+
+    def converted_many(
+        self, conversions: Sequence[tuple[str, Mapping[str, str], Sequence[int]]]
+    ) -> None:
+        """:meth:`converted` for several instances, in one transaction."""
+        if not conversions:
+            return
         with self.redis.pipeline() as pipe:
-            self._advance(pipe, [sop_uid], State.QUEUED)
-            if mapping:
-                pipe.hset(keys.instance_key(sop_uid), mapping=mapping)  # type: ignore[arg-type]
-            pipe.hincrby(keys.COUNTERS, "converted", 1)
+            self._advance(pipe, [uid for uid, _, _ in conversions], State.QUEUED)
+            for uid, fields, frames in conversions:
+                mapping = dict(fields)
+                if frames:
+                    mapping["frames"] = ",".join(map(str, frames))
+                if mapping:
+                    pipe.hset(keys.instance_key(uid), mapping=mapping)  # type: ignore[arg-type]
+            pipe.hincrby(keys.COUNTERS, "converted", len(conversions))
             pipe.execute()
 
     def selected_frames(self, sop_uids: Sequence[str]) -> list[tuple[int, ...] | None]:

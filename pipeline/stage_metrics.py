@@ -14,6 +14,7 @@ plus ``<name>|sum``.
     pacs_embed_received_bytes_total                 counter                   listener
     pacs_embed_associations_total                   counter    outcome        listener (accepted;
                                                                               rejected: intake)
+    pacs_embed_spool_write_seconds                  histogram                 listener
     pacs_embed_associations_open                    gauge                     listener reports
     pacs_embed_spool_backlog_instances              gauge                     dispatcher reports
     pacs_embed_spool_free_bytes                     gauge                     admin (the disk)
@@ -56,6 +57,9 @@ PREFIX = "pacs_embed_"
 
 #: Upper bounds (s) of the conversion buckets: a small CT slice to a large multi-frame object.
 CONVERSION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+#: Upper bounds (s) of the durable-write buckets: an fsync on NVMe to one on a busy SAN.
+SPOOL_WRITE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 #: Upper bounds (s) of the study completion buckets: ``study.stable_seconds`` (30 s by default)
 #: plus embedding and pushing, up to ``study.max_wait_seconds`` and past it.
@@ -130,6 +134,10 @@ class ListenerMetrics:
         self.tally.add(f"cstore|status=0x{status:04X}")
         if nbytes:
             self.tally.add("received_bytes", nbytes)
+
+    def spooled(self, seconds: float) -> None:
+        """An instance's durable write (temp file, fsync, link, directory fsync) took this."""
+        self.tally.observe("spool_write_seconds", SPOOL_WRITE_BUCKETS, seconds)
 
     def accepted(self) -> None:
         """An association was accepted (rejections are counted by the intake log)."""
@@ -232,6 +240,14 @@ class StageCollector(Collector):
             if kind == Kind.ASSOCIATION_REJECTED
         )
         accepted = _labelled(fields, "associations", "outcome").get(ACCEPTED, 0.0)
+        yield histogram_family(
+            fields,
+            PREFIX,
+            "spool_write_seconds",
+            SPOOL_WRITE_BUCKETS,
+            "A received instance's durable write before its 0x0000: temp file, fsync, link, "
+            "directory fsync (mostly the disk's flush)",
+        )
         yield _counter(
             "associations",
             "Association requests (and connections closed before one), by outcome",

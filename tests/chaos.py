@@ -950,7 +950,7 @@ def crash(
     instances: int,
     studies: int,
     kills: int,
-    roles: Sequence[str] = ("listen", "worker", "redis"),
+    roles: Sequence[str] = ("listen", "dispatch", "worker", "redis"),
     gaps: tuple[float, float] = (1.0, 3.0),
     send_seconds: float = 30.0,
     seed: int = 1,

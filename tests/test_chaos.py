@@ -75,7 +75,8 @@ def test_emulator_outage_answers_503_then_recovers() -> None:
 
 
 def test_crash_loses_nothing_and_embeds_once(tmp_path: Path) -> None:
-    """200 instances, kill -9 of the listener, a worker and Redis (4 kills): all embedded once."""
+    """200 instances, kill -9 of the listener, its dispatcher, a worker and Redis (4 kills, one
+    each): all embedded once."""
     result = chaos.crash(
         tmp_path,
         instances=200,

@@ -36,7 +36,7 @@ COMPOSE = ROOT / "compose.yaml"
 SYSTEMD = ROOT / "deploy" / "systemd"
 BIN = Path(sys.executable).parent
 STATE_DIR = "/var/lib/pacs-embed"
-ROLES = {"redis", "listener", "push", "worker", "admin", "emulator"}
+ROLES = {"redis", "listener", "dispatcher", "push", "worker", "admin", "emulator"}
 
 
 def _subcommands() -> set[str]:
@@ -203,6 +203,7 @@ def test_compose_runs_every_role(compose: dict[str, Any]) -> None:
     commands = {name: s.get("command") for name, s in services.items() if name != "redis"}
     assert commands == {
         "listener": ["listen"],
+        "dispatcher": ["dispatch"],
         "push": ["push"],
         "worker": ["worker"],
         "admin": ["admin"],
@@ -222,12 +223,13 @@ def test_compose_commands_are_real_subcommands(compose: dict[str, Any]) -> None:
         assert command[0] in real, f"{name}: {command[0]} is no pacs-embed subcommand"
 
 
-def test_listener_and_push_share_the_state_dir(compose: dict[str, Any]) -> None:
+def test_listener_dispatcher_and_push_share_the_state_dir(compose: dict[str, Any]) -> None:
     services = compose["services"]
     listener = _volume_at(services["listener"], STATE_DIR)
     assert listener is not None
     assert listener in compose["volumes"]  # a named volume, not the container's own layer
     assert _volume_at(services["push"], STATE_DIR) == listener
+    assert _volume_at(services["dispatcher"], STATE_DIR) == listener
     assert "11112:11112" in [str(p) for p in services["listener"]["ports"]]
 
 

@@ -26,13 +26,13 @@ class FlakyLedger(Ledger):
         super().__init__(connection)
         self.failures = failures
 
-    def converted(
-        self, sop_uid: str, fields: Mapping[str, str], frames: Sequence[int] = ()
+    def converted_many(
+        self, conversions: Sequence[tuple[str, Mapping[str, str], Sequence[int]]]
     ) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise redis.ConnectionError("Redis went away")
-        super().converted(sop_uid, fields, frames)
+        super().converted_many(conversions)
 
 
 def run_dispatcher(

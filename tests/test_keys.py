@@ -17,6 +17,8 @@ import pytest
 import redis
 from rq import Queue
 
+from dicom_listener import arrivals
+from dicom_listener.arrivals import ArrivalLog
 from dicom_listener.retention import Retention
 from dicom_listener.spool import Spool
 from pipeline import health, keys
@@ -106,6 +108,13 @@ def exercise(conn: redis.Redis, tmp: Path) -> dict[str, str]:
     )
     intake.record(Event(Kind.NONCONFORMANT_UID, "leading zero", "PACS", "10.0.0.1"))
     health.publish(conn, "dispatcher", {"ok": True})
+    arrival_log = ArrivalLog(conn, "node-1")  # a listener process hands on what it spooled
+    arrival_log.start()
+    arrival_log.add(uids[0])
+    arrival_log.stop()
+    arrivals.publish_backlog(conn, "node-1", 1)  # as its dispatcher reports
+    look()
+    assert arrivals.take(conn, "node-1", 10) == ([uids[0]], True)
     listener_metrics = ListenerMetrics(conn)  # C-STOREs, associations, conversions
     listener_metrics.stored(0x0000, 1000)
     listener_metrics.accepted()

@@ -42,6 +42,7 @@ STAGE_FAMILIES = {
     "pacs_embed_associations_open": "gauge",
     "pacs_embed_spool_backlog_instances": "gauge",
     "pacs_embed_spool_free_bytes": "gauge",
+    "pacs_embed_spool_write_seconds": "histogram",
     "pacs_embed_conversions": "counter",
     "pacs_embed_conversion_seconds": "histogram",
     "pacs_embed_queue_jobs": "gauge",
@@ -230,6 +231,8 @@ def test_every_stage_on_metrics(world: tuple[Daemon, Pushes]) -> None:
     daemon.wait_for(
         lambda: value(daemon, "pacs_embed_associations_open") == 0, 30, "associations closed"
     )
+    conversions = "pacs_embed_conversion_seconds_count"  # the dispatcher's, flushed on its own
+    daemon.wait_for(lambda: value(daemon, conversions) >= 3, 30, "three conversions counted")
     types, after = scrape(daemon)
 
     # every family, with its type; Prometheus conventions (and parse(): counters are _total)
@@ -259,6 +262,9 @@ def test_every_stage_on_metrics(world: tuple[Daemon, Pushes]) -> None:
     assert grew("pacs_embed_conversions_total", outcome="failed") == 0
     assert grew("pacs_embed_conversion_seconds_count") == 3
     assert after[("pacs_embed_conversion_seconds_sum", ())] > 0
+    # each spooled instance's durable write timed (the refused one was never written)
+    assert grew("pacs_embed_spool_write_seconds_count") == 3
+    assert after[("pacs_embed_spool_write_seconds_sum", ())] > 0
     # queues, per queue and state
     for queue in ("embed", "push"):
         for state in ("queued", "started", "scheduled", "failed"):
