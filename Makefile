@@ -33,6 +33,7 @@ bench: os-test $(STAMP)
 	$(BIN)/python -m bench.push latency
 	$(BIN)/python -m bench.push spool
 	$(BIN)/python -m bench.push sr
+	$(BIN)/python -m bench.e2e
 	$(BIN)/python -m bench.chaos all
 
 os-run:

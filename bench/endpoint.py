@@ -1,17 +1,22 @@
-"""Endpoint throughput: pacs-embed workers vs a notebook-style client, against the local emulator.
+"""Endpoint throughput: pacs-embed workers vs a bare client and a notebook-style one, against the
+local emulator.
 
 The emulator (NOT a medical model: a deterministic function of pixels) runs as `pacs-embed
 emulator` with capacity C (requests in flight; past it, 429 as Azure ML answers) and every answer
-taking L seconds. Batches of B images give an ideal of C*B/L images/s. Each row runs real
-`pacs-embed worker` processes over a private Redis with the fleet-wide limit set to C, enqueues
-batches and times until every image is in the store. A worker runs one job at a time, so n
-processes can fill at most min(n, C) slots: "/ceil." compares with min(n, C)*B/L. "busy" is the
-share of the C slots' time with a request on the wire (the fleet's own latency metrics); "429s"
-and "max in" (most requests ever in flight) are the emulator's counts.
+taking L seconds. Batches of B images give an ideal of C*B/L images/s. Each pacs-embed row runs
+real `pacs-embed worker` processes over a private Redis with the fleet-wide limit set to C,
+enqueues batches and times until every image is in the store. A worker runs `workers.concurrency`
+jobs at once (default 2), so n processes fill at most min(n*j, C) slots: "/ceil." compares with
+min(n*j, C)*B/L. "busy" is the share of the C slots' time with a request on the wire (the fleet's
+own latency metrics); "429s" and "max in" (most requests ever in flight) are the emulator's counts.
 
-Two comparison rows: the most workers with the limit off (each 429 is retried with back-off),
-and what the public example notebooks do: one image per request from 5 threads, sleeping on
-429/503 (Retry-After or 1 s) and trying again.
+The headline row is the default configuration: `workers.count = 2`, `workers.concurrency = 2`,
+limit C. Rows after it, in the same run: the bare client (C threads posting one ready-made body
+after another: what this emulator on this host allows at most), the default count one job at a
+time per worker (the behaviour before `workers.concurrency`), other worker counts, the most
+workers with the limit off (each 429 is retried with back-off), and what the public example
+notebooks do: one image per request from 5 threads, sleeping on 429/503 (Retry-After or 1 s)
+and trying again.
 
     .venv/bin/python -m bench.endpoint [--capacity 2] [--latency 0.5] [--batch 16] [--rounds 32]
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +47,7 @@ from pipeline.embed.contract import Row, build_request
 from pipeline.jobs import EMBED_QUEUE, EmbedBatch, ImageItem, enqueue_batch
 from pipeline.keys import EMBEDDED, METRICS
 from pipeline.records import ImageRecord
+from pipeline.sections import WorkerSettings
 from tests.conftest import free_port
 
 KEY = "bench-key"
@@ -117,12 +124,14 @@ def run_workers(
     redis_url: str,
     url: str,
     n: int,
+    concurrency: int,
     limit: int,  # 0: no limiter
     warmup: list[EmbedBatch],
     batches: list[EmbedBatch],
 ) -> tuple[float, float]:
-    """With ``n`` worker processes: seconds from enqueueing ``batches`` to every image stored,
-    and the seconds requests spent on the wire meanwhile (from the fleet's own metrics).
+    """With ``n`` worker processes running ``concurrency`` jobs each: seconds from enqueueing
+    ``batches`` to every image stored, and the seconds requests spent on the wire meanwhile (from
+    the fleet's own metrics).
 
     ``warmup`` runs first, untimed: each process's first job pays one-off costs (imports, the
     label prompts' text request) that a long-running fleet does not.
@@ -132,6 +141,7 @@ def run_workers(
         "PACS_EMBED_ENDPOINT__URL": url,
         "PACS_EMBED_ENDPOINT__KEY": KEY,
         "PACS_EMBED_ENDPOINT__MAX_IN_FLIGHT": str(limit),
+        "PACS_EMBED_WORKERS__CONCURRENCY": str(concurrency),
     }
     connection = redis.Redis.from_url(redis_url)
     connection.flushdb()
@@ -182,6 +192,23 @@ def make_batches(run: int, jobs: int, pngs: list[bytes]) -> list[EmbedBatch]:
     return batches
 
 
+def bare_client(url: str, pngs: list[bytes], slots: int, rounds: int) -> float:
+    """``slots`` threads, one connection each, posting a ready-made body ``rounds`` times one
+    after another: the most this emulator answers on this host, nothing of pacs-embed."""
+    body = json.dumps(build_request([Row(image_png=png) for png in pngs])).encode()
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+
+    def one_slot(_: int) -> None:
+        with httpx.Client(timeout=120) as client:
+            for _ in range(rounds):
+                client.post(url, content=body, headers=headers).raise_for_status()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(slots) as pool:
+        list(pool.map(one_slot, range(slots)))
+    return time.perf_counter() - started
+
+
 def notebook_client(url: str, pngs: list[bytes], threads: int = 5) -> float:
     """One image per request from ``threads`` threads, a new connection each (requests.post)."""
 
@@ -203,13 +230,18 @@ def notebook_client(url: str, pngs: list[bytes], threads: int = 5) -> float:
     return time.perf_counter() - started
 
 
+#: The default configuration, the headline row: `workers.count` and `workers.concurrency`.
+DEFAULT_WORKERS = WorkerSettings().count
+DEFAULT_CONCURRENCY = WorkerSettings().concurrency
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--capacity", type=int, default=2, help="C: emulator capacity = limit")
     parser.add_argument("--latency", type=float, default=0.5, help="L: seconds per request")
     parser.add_argument("--batch", type=int, default=16, help="B: images per request")
     parser.add_argument("--rounds", type=int, default=32, help="requests per slot per row")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 4], help="other rows")
     parser.add_argument("--notebook-images", type=int, default=40)
     args = parser.parse_args()
     c, lat, b = args.capacity, args.latency, args.batch
@@ -220,27 +252,47 @@ def main() -> None:
         f"batch B={b}, PNG 512x512 ~{np.mean([len(p) for p in pngs]) / 1000:.0f} kB; "
         f"ideal C*B/L = {ideal:.1f} images/s"
     )
-    header = (
-        f"{'client':<37}{'procs':>5}{'images':>7}{'s':>6}{'img/s':>9}{'/ideal':>7}"
+    print(
+        f"{'client':<40}{'procs':>5}{'images':>7}{'s':>6}{'img/s':>9}{'/ideal':>7}"
         f"{'/ceil.':>9}{'busy':>7}{'429s':>6}{'max in':>8}"
     )
-    print(header)
+    j = DEFAULT_CONCURRENCY
+    # (workers, jobs at once each, limit): the default first, then the comparisons.
+    plan = [(DEFAULT_WORKERS, j, c), (DEFAULT_WORKERS, 1, c)]
+    plan += [(n, j, c) for n in args.workers if n != DEFAULT_WORKERS]
+    plan += [(max([DEFAULT_WORKERS, *args.workers]), j, 0)]
+    headline = ""
     with tempfile.TemporaryDirectory() as tmp, private_redis(Path(tmp)) as redis_url:
         workdir = Path(tmp)
-        # Each worker count with the limit at C, then the most workers with no limit at all.
-        plan = [(n, c) for n in args.workers] + [(max(args.workers), 0)]
-        for run, (n, limit) in enumerate(plan, start=1):
-            jobs = args.rounds * min(n, c)
-            warmup = make_batches(100 + run, 2 * n, pngs)
+        for run, (n, at_once, limit) in enumerate(plan, start=1):
+            slots = min(n * at_once, c)
+            jobs = args.rounds * slots
+            warmup = make_batches(100 + run, 2 * n * at_once, pngs)
             with emulator(workdir, c, lat) as url:
+                batches = make_batches(run, jobs, pngs)
                 seconds, wire = run_workers(
-                    workdir, redis_url, url, n, limit, warmup, make_batches(run, jobs, pngs)
+                    workdir, redis_url, url, n, at_once, limit, warmup, batches
                 )
                 stats = emulator_stats(url)
             rate = jobs * b / seconds
-            ceiling = min(n, c) * b / lat
-            name = f"pacs-embed worker (limit {limit})" if limit else "pacs-embed worker (no limit)"
-            row(name, n, jobs * b, seconds, rate, ideal, ceiling, wire / (seconds * c), stats)
+            name = f"pacs-embed {n} x {at_once} job{'s' if at_once > 1 else ''}, " + (
+                f"limit {limit}" if limit else "no limit"
+            )
+            busy = wire / (seconds * c)
+            row(name, n, jobs * b, seconds, rate, ideal, slots * b / lat, busy, stats)
+            if run == 1:
+                too_many = stats["statuses"].get("429", 0)
+                headline = (
+                    f"default configuration ({n} workers x {at_once} jobs, limit {limit}): "
+                    f"{rate:.1f} images/s = {rate / ideal:.3f} of ideal, {too_many} 429s"
+                )
+            if run == 2:  # the bare client, right after the headline
+                with emulator(workdir, c, lat) as url:
+                    seconds = bare_client(url, pngs, c, args.rounds)
+                    stats = emulator_stats(url)
+                rate = c * args.rounds * b / seconds
+                name = f"bare client: {c} threads, ready bodies"
+                row(name, 1, c * args.rounds * b, seconds, rate, ideal, ideal, None, stats)
         notebook = phantom_pngs(args.notebook_images)
         with emulator(workdir, c, lat) as url:
             seconds = notebook_client(url, notebook)
@@ -248,6 +300,7 @@ def main() -> None:
         rate = len(notebook) / seconds
         name = "notebook: 1 image/request, 5 threads"
         row(name, 1, len(notebook), seconds, rate, ideal, None, None, stats)
+    print(headline)
     print(f"load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
 
 
@@ -266,7 +319,7 @@ def row(
     of_ceiling = f"{rate / ceiling:.3f}" if ceiling else "-"
     slots = f"{busy:.2f}" if busy is not None else "-"
     print(
-        f"{name:<37}{procs:>5}{images:>7}{seconds:>6.1f}{rate:>9.1f}{rate / ideal:>7.3f}"
+        f"{name:<40}{procs:>5}{images:>7}{seconds:>6.1f}{rate:>9.1f}{rate / ideal:>7.3f}"
         f"{of_ceiling:>9}{slots:>7}{too_many:>6}{stats['max_in_flight']:>8}"
     )
 

@@ -8,7 +8,9 @@ Receivers, each measured in the same rounds (interleaved, median of ``--rounds``
 - pacs-embed (`pacs-embed run`, fresh state dir per measurement) with one listener process and
   with ``--processes`` sharing the port: every instance fsynced into the spool before its
   0x0000, then handed on (the arrival log; the time until the ledger has every instance is
-  printed too). Its workers and the local emulator (NOT MedImageInsight) run as in production.
+  printed too). The dispatcher converts and enqueues meanwhile, at its lower priority; the
+  workers find no endpoint (a closed loopback port) and wait, so ingest is measured alone —
+  ``bench.e2e`` measures everything together.
 
 Rates are images/s of the C-STORE leg (first association request to the last response); ratios
 compare pacs-embed with ``storescp`` and with the bare SCP measured in the same round. The fsync
@@ -21,6 +23,7 @@ the one-association wall time.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -101,8 +104,16 @@ def pacs_embed(processes: int) -> Receiver:
             workdir / "daemon.log",
             LOG__LEVEL="warning",
             LISTENER__PROCESSES=str(processes),
+            ENDPOINT__URL=f"http://127.0.0.1:{free_port()}/score",  # nobody there
+            ENDPOINT__AUTH="none",
         )
-        daemon.start()
+        try:
+            daemon.start()
+            settled = lambda: len(daemon.status()["workers"]) == 2  # noqa: E731 - all started
+            daemon.wait_for(settled, 60, "the workers")
+        except AssertionError as exc:
+            daemon.stop()
+            raise SystemExit(f"pacs-embed did not start: {exc}") from exc
         try:
             yield daemon.dicom_port, daemon
         finally:
@@ -157,6 +168,7 @@ def main() -> None:
             for associations in (1, 4):
                 for name, receiver in receivers.items():
                     runs += 1
+                    os.sync()  # the previous receiver's unsynced files are not flushed meanwhile
                     with receiver(workdir / f"run{runs}") as (port, daemon):
                         elapsed = send(port, files, associations)
                         seconds[name, associations].append(elapsed)

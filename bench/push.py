@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,6 +37,87 @@ from tests import factory, orthanc
 from tests.daemon import Daemon, storescu, successes
 from tests.orthanc import Orthanc
 
+#: Settings both latency benches give the daemon: a series' batch waits this little for more.
+LATENCY_SETTINGS = {"QUEUE__LINGER_SECONDS": "0.3"}
+
+
+def dicom_sink_env(pacs: Orthanc) -> dict[str, str]:
+    """The daemon's settings that make ``pacs`` its DICOM sink (SR/KOS go there)."""
+    return {
+        "PACS_EMBED_SINKS__DICOM__HOST": "127.0.0.1",
+        "PACS_EMBED_SINKS__DICOM__PORT": str(pacs.dicom_port),
+        "PACS_EMBED_SINKS__DICOM__AE_TITLE": orthanc.AE_TITLE,
+    }
+
+
+def study_files(directory: Path, slices: int) -> tuple[str, list[Path]]:
+    """A fresh one-series CT study of ``slices`` 512x512 slices as files; (its UID, the files)."""
+    study, series = factory.new_uid(), factory.new_uid()
+    files = [
+        factory.write(
+            factory.ct_slice(study_uid=study, series_uid=series, instance_number=i),
+            directory / f"{i}.dcm",
+        )
+        for i in range(1, slices + 1)
+    ]
+    return study, files
+
+
+@dataclass(frozen=True)
+class SrLatency:
+    """A study's last C-STORE answer -> its SR in the PACS, and when (from the daemon's log,
+    relative to that answer) the study completed and its SR was pushed."""
+
+    slices: int
+    stable: float
+    seconds: float
+    phases: dict[str, float]
+
+    def line(self) -> str:
+        goal = self.stable + 5
+        return (
+            f"latency: {self.slices}-slice study, last C-STORE -> SR in Orthanc "
+            f"{self.seconds:.1f} s (study.stable_seconds {self.stable:g}; goal <= {goal:g} s: "
+            f"{self.seconds / goal:.2f} of the goal); "
+            + ", ".join(f"{name} at +{at:.1f} s" for name, at in self.phases.items())
+        )
+
+
+def sr_latency(
+    daemon: Daemon, pacs: Orthanc, study: str, files: list[Path], stable: float
+) -> SrLatency:
+    """Send ``study``'s ``files`` to a running ``daemon`` whose DICOM sink is ``pacs`` (one
+    storescu association) and wait for the study's SR there."""
+    sent = storescu(daemon.dicom_port, files)
+    last_store = time.monotonic()
+    if successes(sent) != len(files):
+        raise SystemExit(f"storescu failed:\n{sent.stdout[-2000:]}")
+    query = {"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
+    daemon.wait_for(lambda: bool(pacs.post("/tools/find", query)), 600, "the SR")
+    took = time.monotonic() - last_store
+    stored_at = time.time() - took
+    wanted = {"completed": "study.completed", "pushed": "push.sent"}
+    deadline = time.monotonic() + 5  # push.sent is logged once the KOS has followed the SR
+    while not set(wanted.values()) <= (events := _events(daemon, study)).keys():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    phases = {
+        name: _unix(events[event]["timestamp"]) - stored_at
+        for name, event in wanted.items()
+        if event in events
+    }
+    return SrLatency(len(files), stable, took, phases)
+
+
+def _events(daemon: Daemon, study: str) -> dict[str, dict[str, str]]:
+    """The daemon's first log line of each event about ``study`` (version 1's)."""
+    events: dict[str, dict[str, str]] = {}
+    for event in daemon.log_lines():
+        if event.get("study_instance_uid") == study:
+            events.setdefault(str(event.get("event")), event)
+    return events
+
 
 def latency(slices: int, stable: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,52 +125,18 @@ def latency(slices: int, stable: float) -> None:
         daemon = Daemon(
             work / "var",
             work / "daemon.log",
-            QUEUE__LINGER_SECONDS="0.3",
             STUDY__STABLE_SECONDS=str(stable),
+            **LATENCY_SETTINGS,
         )
         with Orthanc(work / "orthanc", {"pe": ("PACS_EMBED", daemon.dicom_port)}) as pacs:
-            daemon.env.update(
-                {
-                    "PACS_EMBED_SINKS__DICOM__HOST": "127.0.0.1",
-                    "PACS_EMBED_SINKS__DICOM__PORT": str(pacs.dicom_port),
-                    "PACS_EMBED_SINKS__DICOM__AE_TITLE": orthanc.AE_TITLE,
-                }
-            )
-            study, series = factory.new_uid(), factory.new_uid()
-            files = [
-                factory.write(
-                    factory.ct_slice(study_uid=study, series_uid=series, instance_number=i),
-                    work / f"{i}.dcm",
-                )
-                for i in range(1, slices + 1)
-            ]
+            daemon.env.update(dicom_sink_env(pacs))
+            study, files = study_files(work, slices)
             daemon.start()
             try:
-                sent = storescu(daemon.dicom_port, files)
-                last_store = time.monotonic()
-                if successes(sent) != slices:
-                    raise SystemExit(f"storescu failed:\n{sent.stdout[-2000:]}")
-                query = {
-                    "Level": "Instance",
-                    "Query": {"StudyInstanceUID": study, "Modality": "SR"},
-                }
-                daemon.wait_for(lambda: bool(pacs.post("/tools/find", query)), 600, "the SR")
-                took = time.monotonic() - last_store
-                stored_at = time.time() - took
-                events = {e.get("event"): e for e in daemon.log_lines()}
+                result = sr_latency(daemon, pacs, study, files, stable)
             finally:
                 daemon.stop()
-    phases = {
-        name: _unix(events[event]["timestamp"]) - stored_at
-        for name, event in (("completed", "study.completed"), ("pushed", "push.sent"))
-        if event in events
-    }
-    goal = stable + 5
-    print(
-        f"latency: {slices}-slice study, last C-STORE -> SR in Orthanc {took:.1f} s "
-        f"(study.stable_seconds {stable:g}; goal <= {goal:g} s: {took / goal:.2f} of the goal); "
-        + ", ".join(f"{name} at +{at:.1f} s" for name, at in phases.items())
-    )
+    print(result.line())
 
 
 def _unix(timestamp: str) -> float:

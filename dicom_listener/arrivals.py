@@ -26,6 +26,9 @@ log = structlog.get_logger(__name__)
 
 #: How long the writer waits for arrivals before it refreshes the dispatcher's backlog anyway.
 REFRESH_SECONDS = 1.0
+#: How long the writer lets arrivals gather once one came: a round trip (and a turn of the GIL
+#: the associations' threads wait for) per few instances rather than per instance.
+LINGER_SECONDS = 0.005
 #: Pauses after a failed write, doubling: Redis may be restarting.
 FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 0.2, 5.0
 #: How long a dispatcher's published backlog stands without being renewed.
@@ -71,7 +74,8 @@ class ArrivalLog:
     def _run(self) -> None:
         pause = FIRST_RETRY_SECONDS
         while True:
-            self._wake.wait(REFRESH_SECONDS)
+            if self._wake.wait(REFRESH_SECONDS):
+                self._stop.wait(LINGER_SECONDS)
             self._wake.clear()
             stopping = self._stop.is_set()
             with self._lock:
@@ -124,4 +128,9 @@ def listed(connection: redis.Redis, node: str) -> set[str]:
 
 
 def publish_backlog(connection: redis.Redis, node: str, backlog: int) -> None:
-    connection.set(backlog_key(node), backlog, ex=BACKLOG_TTL_SECONDS)
+    """The dispatcher's side, with each report; a Redis outage is only logged (the listeners
+    keep the last value they read)."""
+    try:
+        connection.set(backlog_key(node), backlog, ex=BACKLOG_TTL_SECONDS)
+    except redis.RedisError as exc:
+        log.debug("arrivals.backlog_unpublished", error=type(exc).__name__)

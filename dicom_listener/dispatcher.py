@@ -203,10 +203,10 @@ class Dispatcher:
     def _run(self) -> None:
         reported = 0.0
         while not self._stop.is_set():
-            if self.report is not None and time.monotonic() - reported >= REPORT_SECONDS:
-                self.report(self.health())
-                reported = time.monotonic()
             try:
+                if self.report is not None and time.monotonic() - reported >= REPORT_SECONDS:
+                    reported = time.monotonic()
+                    self.report(self.health())
                 self._requeue()
                 self._take()
                 self._reconcile()

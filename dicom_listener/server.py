@@ -86,6 +86,7 @@ _PYNETDICOM_LIMIT_OFF = 2**31 - 1
 def build_ae(settings: Settings) -> AE:
     lsn = settings.listener
     ae = AE(ae_title=lsn.ae_title)
+    ae.maximum_pdu_size = lsn.max_pdu_bytes
     ae.maximum_associations = _PYNETDICOM_LIMIT_OFF
     # The wait for the A-ASSOCIATE-RQ and the ARTIM timer. pynetdicom uses it also for an
     # A-RELEASE-RP to a release we request (never, as an SCP) and as a requestor (never).

@@ -365,8 +365,8 @@ class Root:
 
 def node_name(state_dir: Path) -> str:
     """The listener node a state dir is: a random name kept in its ``node`` file, made once.
-    A listener and its push service share the state dir (the spool), so they share the name;
-    another host's state dir is another node, whatever its path."""
+    A listener, its dispatcher and its push service share the state dir (the spool), so they
+    share the name; another host's state dir is another node, whatever its path."""
     path = state_dir / "node"
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True)

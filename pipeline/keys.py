@@ -245,6 +245,7 @@ RETENTION = retention_key(DEFAULT_NODE)
 DEAD_LETTERS = _key("deadletter")
 DEAD_LETTERS_RECENT = _key("deadletter", "recent")
 
+
 # -- arrivals (dicom_listener/arrivals.py) ---------------------------------------------------
 def arrivals_key(node: str) -> str:
     """Instances listener node ``node`` spooled that its dispatcher has not taken yet."""

@@ -145,7 +145,13 @@ class ListenerSettings(Section):
     association_request_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     min_free_disk_mb: int = Field(default=1024, ge=0)  # below: 0xA700, PACS retries later
     max_backlog: int = Field(default=20000, ge=1)  # unprocessed instances before 0xA700
+    # the largest PDU we receive (A-ASSOCIATE-AC maximum length; 0: no limit). pynetdicom's
+    # 16382 makes a 512 KB CT slice 32 PDUs, each a turn of its reactor; 1 MiB makes it one
+    max_pdu_bytes: int = Field(default=1 << 20, ge=0)
     tls_port: Port | None = None  # None: no TLS listener
+    # listener processes sharing the port(s) (SO_REUSEPORT), so associations spread over cores;
+    # the connection and association limits above apply to each
+    processes: int = Field(default=1, ge=1, le=32)
     tls_cert_file: Path | None = None  # PEM server certificate (chain); required with tls_port
     tls_key_file: Path | None = None  # PEM private key, unencrypted
     tls_ca_file: Path | None = None  # PEM CA(s): client certificates required and verified
@@ -504,11 +510,16 @@ class SpoolSettings(Section):
 
 
 class WorkerSettings(Section):
-    """Embed workers; `count` is how many `run` starts."""
+    """Embed workers; `count` is how many `run` starts, `concurrency` how many jobs each runs at
+    once. A job spends time outside its request (the store, verdicts, rq's bookkeeping): with
+    two at once one request is on the wire while the other job is prepared or finished, so
+    `count` workers keep `count x concurrency` endpoint slots busy. Requests in flight stay
+    bounded by the fleet-wide limit (`endpoint.max_in_flight`); past it jobs wait for a slot."""
 
     section = "workers"
 
     count: int = Field(default=2, ge=1, le=64)
+    concurrency: int = Field(default=2, ge=1, le=16)
 
 
 class AdminSettings(Section):

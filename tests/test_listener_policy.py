@@ -196,3 +196,16 @@ def test_rejected_calling_ae_is_logged_with_address_and_recorded(
     assert summary["associations_rejected"] == {"calling AE title not allowed": 1}
     [event] = summary["recent"]
     assert (event["calling_ae"], event["address"]) == ("STRANGER", "127.0.0.1")
+
+
+def test_the_association_offers_the_configured_maximum_pdu(listener: Listener) -> None:
+    """The A-ASSOCIATE-AC carries ``listener.max_pdu_bytes`` (1 MiB by default, not pynetdicom's
+    16382), so a sender puts a 512 KB slice in one PDU instead of 32."""
+    ae = AE()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.settings.listener.port, ae_title="PACS_EMBED")
+    try:
+        assert assoc.is_established
+        assert assoc.acceptor.maximum_length == listener.settings.listener.max_pdu_bytes == 1 << 20
+    finally:
+        assoc.release()

@@ -1,10 +1,10 @@
 """Scale-out: two listener hosts and three workers as separate processes sharing one Redis.
 
-Each "listener host" has its own state dir and runs `listen`, `push` and `admin` on it, as the
-Deploying section lays them out; three `worker`s and one `emulator` (the endpoint) complete the
-fleet. One study goes to each listener at once; every instance must be embedded exactly once,
-each worker must have taken part, each study must be pushed once, by its own host's push
-service, and both admins must report the same fleet-wide status.
+Each "listener host" has its own state dir and runs `dispatch`, `listen`, `push` and `admin` on
+it, as the Deploying section lays them out; three `worker`s and one `emulator` (the endpoint)
+complete the fleet. One study goes to each listener at once; every instance must be embedded
+exactly once, each worker must have taken part, each study must be pushed once, by its own
+host's push service, and both admins must report the same fleet-wide status.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def test_two_listeners_three_workers_embed_each_instance_once_and_admins_agree(
                 "PACS_EMBED_ADMIN__PORT": str(admin_port),
                 "PACS_EMBED_ADMIN__TOKEN": TOKEN,
             }
-            for role in ("listen", "push", "admin"):
+            for role in ("dispatch", "listen", "push", "admin"):
                 fleet.start(f"{role}-{host}", role, host_env)
         workers = [f"worker-{i}" for i in range(1, 4)]
         worker_env = {

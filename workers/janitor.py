@@ -10,11 +10,14 @@ the next maintenance pass, 10 minutes or more. (docs/architecture.md §3.)
 So every worker runs one small thread that, every :data:`TICK_SECONDS`:
 
 1. renews its health report (``pe:health:worker:<host:pid>``, expiring in :data:`ALIVE_SECONDS`),
-   written from this thread, so a worker busy in a long request still shows alive;
+   written from this thread, so a worker busy in a long request still shows alive; it lists
+   every job the worker runs (``jobs``: a worker runs a few at once, ``workers.overlap``);
 2. looks at the queue's started jobs: a job whose worker has no live report is requeued at
    the front (:func:`reap`), the dead worker's rq registration and endpoint leases dropped; so
    is one whose live worker has not reported running it for :data:`ORPHAN_SECONDS` (it lost
-   Redis mid-job, and its rq loop started over without it). A job
+   Redis mid-job, and its rq loop started over without it). A worker registers a job started
+   only as it starts it in a thread, so a started job of a live worker that its report lists is
+   really running. A job
    whose workers died :data:`MAX_WORKER_DEATHS` times is failed instead (a batch that kills its
    worker, by memory or a native crash, must not take the fleet down one worker at a time);
 3. holds its queue's scheduler lock (``pe:scheduler:<queue>``, a few seconds, renewed) or takes
@@ -35,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import redis
 import structlog
@@ -196,6 +200,15 @@ return 0
         self._release(keys=[self.key], args=[self.holder])
 
 
+def running(report: dict[str, Any]) -> list[str]:
+    """The jobs a worker's health report says it runs (``job`` alone in older reports)."""
+    jobs = report.get("jobs")
+    if isinstance(jobs, list):
+        return [str(job) for job in jobs]
+    job = report.get("job")
+    return [str(job)] if job else []
+
+
 class Janitor:
     """The thread described in the module docstring, one per worker process."""
 
@@ -204,7 +217,7 @@ class Janitor:
         connection: redis.Redis,
         queue: Queue,
         *,
-        current_job: Callable[[], str | None] = lambda: None,
+        running_jobs: Callable[[], list[str]] = list,
         give_up: GiveUp | None = None,
         component: str = health.WORKER,
     ) -> None:
@@ -212,7 +225,7 @@ class Janitor:
         self.queue = queue
         self.component = component
         self.name = worker_name()
-        self.current_job = current_job
+        self.running_jobs = running_jobs
         self.give_up = give_up
         self.started = time.time()
         self.lock = SchedulerLock(connection, queue.name, self.name)
@@ -239,15 +252,16 @@ class Janitor:
             log.warning("janitor.stop_incomplete", error=type(exc).__name__)
 
     def report(self) -> None:
-        job = self.current_job()
+        jobs = self.running_jobs()
         health.publish(
             self.connection,
             self.component,
             {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
-                "state": "busy" if job else "idle",
-                "job": job,
+                "state": "busy" if jobs else "idle",
+                "job": jobs[0] if jobs else None,  # the first, for readers of one job
+                "jobs": jobs,
                 "since": self.started,
                 "at": time.time(),
             },
@@ -261,8 +275,9 @@ class Janitor:
         living = set(reports) | {self.name}
 
         def orphaned(worker: str, job: str, started: float) -> bool:
-            running = reports.get(worker, {}).get("job")
-            return running != job and time.time() - started > ORPHAN_SECONDS
+            return job not in running(reports.get(worker, {})) and (
+                time.time() - started > ORPHAN_SECONDS
+            )
 
         reap(
             self.connection,

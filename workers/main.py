@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 
 import redis
 import structlog
@@ -22,6 +23,7 @@ from pipeline.jobs import EMBED_QUEUE, EmbedBatch
 from workers import runtime
 from workers.completer import Completer
 from workers.janitor import GiveUp, Janitor, worker_name
+from workers.overlap import OverlappingWorker
 from workers.push import PushService
 from workers.service import EmbedService
 
@@ -34,16 +36,26 @@ def run_worker(
     *,
     burst: bool = False,
     endpoint: str | None = None,
+    concurrency: int = 1,
 ) -> None:
-    """Serve embed jobs with ``service`` until stopped (SIGTERM/SIGINT finish the current job);
-    ``endpoint`` (its URL) is only logged."""
+    """Serve embed jobs with ``service``, ``concurrency`` at once (``workers.overlap``), until
+    stopped (SIGTERM/SIGINT finish the jobs running); ``endpoint`` (its URL) is only logged."""
     runtime.bind(service)
 
     def give_up(job: Job, reason: str) -> None:
         service.give_up(EmbedBatch.from_payload(job.args[0]), reason)
 
-    log.info("worker.started", name=worker_name(), endpoint=endpoint)
-    _serve(connection, EMBED_QUEUE, health.WORKER, give_up, burst=burst)
+    log.info("worker.started", name=worker_name(), endpoint=endpoint, concurrency=concurrency)
+    _serve(
+        connection,
+        EMBED_QUEUE,
+        health.WORKER,
+        give_up,
+        burst=burst,
+        make_worker=lambda queue: OverlappingWorker(
+            [queue], connection=connection, name=worker_name(), concurrency=concurrency
+        ),
+    )
 
 
 def run_pusher(
@@ -72,9 +84,11 @@ def _serve(
     give_up: GiveUp,
     *,
     burst: bool = False,
+    make_worker: Callable[[Queue], SimpleWorker] | None = None,
 ) -> None:
     """SimpleWorker runs jobs in this process: no fork per job (~15 ms each) and HTTP clients
-    keep their connections warm across jobs. The worker is named ``host:pid``, like its endpoint
+    keep their connections warm across jobs; ``make_worker`` builds another kind (the embed
+    worker's runs a few jobs at once). The worker is named ``host:pid``, like its endpoint
     leases and health report, so whoever finds it dead knows what to release. rq's own scheduler
     (a forked process whose lock outlives a killed worker) is replaced by the janitor's.
 
@@ -84,11 +98,14 @@ def _serve(
     queue = Queue(queue_name, connection=connection)
     while True:
         _wait_for_redis(connection)
-        worker = SimpleWorker([queue], connection=connection, name=worker_name())
+        if make_worker is not None:
+            worker = make_worker(queue)
+        else:
+            worker = SimpleWorker([queue], connection=connection, name=worker_name())
         janitor = Janitor(
             connection,
             queue,
-            current_job=worker.get_current_job_id,
+            running_jobs=_running_jobs(worker),
             give_up=give_up,
             component=component,
         )
@@ -108,6 +125,18 @@ def _serve(
         if burst or worker._stop_requested or worker._shutdown_requested_date is not None:
             return
         log.warning("worker.restarting", reason="rq's loop ended without a stop request")
+
+
+def _running_jobs(worker: SimpleWorker) -> Callable[[], list[str]]:
+    """What the janitor reports running: every job of an overlapping worker, else rq's one."""
+    if isinstance(worker, OverlappingWorker):
+        return worker.running_jobs
+
+    def current() -> list[str]:
+        job = worker.get_current_job_id()
+        return [job] if job else []
+
+    return current
 
 
 def _wait_for_redis(connection: redis.Redis) -> None:

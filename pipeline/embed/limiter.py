@@ -222,11 +222,13 @@ class RedisLease:
         if self._done.is_set():
             return
         self._done.set()
-        self._renewer.join(timeout=5)
+        # Free the slot before waiting for the renewer to notice: a waiter is on the critical
+        # path. A renewal racing the release finds the lease gone and stops quietly (done).
         try:
             self._limiter._release_lease(self.id)
         except redis.RedisError as exc:
             log.warning("limiter.release_failed", lease=self.id, error=type(exc).__name__)
+        self._renewer.join(timeout=5)
 
     def _keep_alive(self) -> None:
         while not self._done.wait(self._limiter._renew_interval):
