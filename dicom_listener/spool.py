@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +42,7 @@ def _fsync_dir(path: Path) -> None:
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 
 
-def _link_or_replace(tmp_name: str, final: Path) -> bool:
+def _link_or_replace(tmp_name: Path, final: Path) -> bool:
     """Put ``tmp_name`` at ``final`` unless something is there already; False if it was.
 
     ``link`` fails atomically when the name exists, which settles concurrent sends of one
@@ -95,6 +95,7 @@ class Spool:
         self.root = root
         self.quarantine_root = quarantine
         self.tmp = root / TMP
+        self._parts = itertools.count()
         for directory in (root, self.tmp, quarantine):
             directory.mkdir(parents=True, exist_ok=True)
         created = False
@@ -141,22 +142,36 @@ class Spool:
         """
         final = self.path_for(sop_uid)
         try:
-            fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+            fd, tmp_name = self._part()
             try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 if replace:
                     os.replace(tmp_name, final)
                 elif not _link_or_replace(tmp_name, final):
                     return None
             finally:
-                Path(tmp_name).unlink(missing_ok=True)
+                tmp_name.unlink(missing_ok=True)
             _fsync_dir(final.parent)
         except OSError as exc:
             raise SpoolError(f"cannot spool {sop_uid}: {exc.strerror or exc}") from exc
         return final
+
+    def _part(self) -> tuple[int, Path]:
+        """A new partial file, open for writing: named by a counter, not mkstemp's random
+        names — the directory is this process's own (:meth:`use_own_tmp`); a name taken all
+        the same (another Spool on it) is skipped."""
+        while True:
+            path = self.tmp / f"{next(self._parts)}.part"
+            try:
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path
+            except FileExistsError:
+                continue
 
     def walk(self) -> Iterator[Path]:
         """Every spooled instance file (the shard directories only, never tmp)."""

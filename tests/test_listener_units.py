@@ -258,7 +258,7 @@ def test_back_pressure_out_of_resources(spool: Spool, ct: pydicom.Dataset) -> No
 
 def test_spool_failure_out_of_resources(spool: Spool, ct: pydicom.Dataset) -> None:
     """If the spool cannot write (disk full, permissions), the sender gets 0xA700, not success."""
-    spool.tmp.rmdir()  # mkstemp now fails
+    spool.tmp.rmdir()  # the partial file cannot be created now
     status, submitted = store(FakeEvent(encode(ct), ct.SOPInstanceUID, ct.SOPClassUID), spool)
     assert status == StoreStatus.OUT_OF_RESOURCES and submitted == []
     assert status_for(SpoolError("x")) == (StoreStatus.OUT_OF_RESOURCES, "x")
