@@ -100,10 +100,11 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
         created = False
         for shard in range(256):
-            path = root / f"{shard:02x}"
-            if not path.is_dir():
-                path.mkdir()
+            try:  # the node's processes start together: another may be making them too
+                (root / f"{shard:02x}").mkdir()
                 created = True
+            except FileExistsError:
+                pass
         if created:
             _fsync_dir(root)
 

@@ -138,3 +138,14 @@ def test_four_associations_over_two_listener_processes(tmp_path: Path) -> None:
         assert status["counters"]["converted"] == 40
     finally:
         daemon.stop()
+
+
+def test_processes_of_a_node_can_open_a_new_spool_at_once(tmp_path: Path) -> None:
+    """`run` starts the dispatcher and the listeners together on a fresh state dir: each makes
+    the spool's shard directories, and none may fail because another made one first."""
+    with ThreadPoolExecutor(8) as pool:
+        spools = list(
+            pool.map(lambda _: Spool(tmp_path / "spool", tmp_path / "quarantine"), range(8))
+        )
+    assert len(spools) == 8
+    assert sum(1 for p in (tmp_path / "spool").iterdir() if p.name != "tmp") == 256
