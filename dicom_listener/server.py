@@ -167,8 +167,6 @@ class Listener:
         ports: list[tuple[int, ssl.SSLContext | None]] = [(lsn.port, None)]
         if lsn.tls_port is not None:
             ports.append((lsn.tls_port, tls_context(lsn)))  # unusable files: fail before anything
-        removed = self.spool.use_own_tmp()  # before any C-STORE of ours can be writing there
-        self.arrivals.start()
         doorman = self.doorman
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._store),
@@ -183,18 +181,29 @@ class Listener:
         if lsn.accept_unknown_sop_classes:
             handlers.append((evt.EVT_REQUESTED, accept_unknown, [TRANSFER_SYNTAXES]))
         ae = build_ae(self.settings)
-        for port, ssl_context in ports:
-            server = ae.make_server(
-                (lsn.host, port),
-                ssl_context=ssl_context,
-                evt_handlers=handlers,
-                server_class=DoorServer,
-                doorman=doorman,
-                intake=self.intake,
-                request_timeout=lsn.association_request_timeout_seconds,
-                reuse_port=lsn.processes > 1,
-            )
-            self.servers.append(cast(DoorServer, server))
+        servers: list[DoorServer] = []
+        try:  # every port bound before anything runs: a port taken leaves nothing behind
+            for port, ssl_context in ports:
+                server = ae.make_server(
+                    (lsn.host, port),
+                    ssl_context=ssl_context,
+                    evt_handlers=handlers,
+                    server_class=DoorServer,
+                    doorman=doorman,
+                    intake=self.intake,
+                    request_timeout=lsn.association_request_timeout_seconds,
+                    reuse_port=lsn.processes > 1,
+                )
+                servers.append(cast(DoorServer, server))
+        except Exception:
+            for server in servers:
+                server.server_close()
+            raise
+        removed = self.spool.use_own_tmp()  # before any C-STORE of ours can be writing there
+        self.arrivals.start()
+        self.servers = servers
+        for server in servers:
+            port = server.server_address[1]
             threading.Thread(
                 target=server.serve_forever, name=f"DicomListener@{port}", daemon=True
             ).start()

@@ -149,7 +149,7 @@ def _listeners(dispatchers: Any, associations: Any) -> list[str]:
     lines = []
     if isinstance(dispatchers, Mapping):
         if not dispatchers:
-            lines.append("listeners   none reporting")
+            lines.append("dispatchers none reporting")
         for name, report in sorted(dispatchers.items()):
             if not isinstance(report, Mapping):
                 continue
@@ -158,9 +158,7 @@ def _listeners(dispatchers: Any, associations: Any) -> list[str]:
             else:
                 error = report.get("last_error") or "error"
                 health = f"FAILING for {report.get('failing_for_seconds', '?')} s ({error})"
-            lines.append(
-                f"listener    {name}: dispatcher {health}, backlog {report.get('backlog', '?')}"
-            )
+            lines.append(f"dispatcher  {name}: {health}, backlog {report.get('backlog', '?')}")
     if isinstance(associations, Sequence) and associations:
         lines.append(f"associations {len(associations)} open")
     return lines

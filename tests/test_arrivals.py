@@ -64,6 +64,7 @@ def test_arrivals_wait_out_a_redis_outage_in_order(tmp_path: Path) -> None:
         wait_until(lambda: log.backlog() == 0, 10, "the backlog refreshed")
     finally:
         log.stop()
+        connection.close()
         if server is not None:
             server.terminate()
             server.wait(10)

@@ -65,7 +65,8 @@ def test_status_prints_a_summary_and_json_the_document(
     assert "instances   3 received: spooled 1" in out and "failed 1" in out and "skipped 1" in out
     assert "queue       embed:" in out and "queue       push:" in out
     assert "workers     1 alive" in out and "busy  job job-42" in out
-    assert "dispatcher FAILING for 12.5 s (TimeoutError), backlog 4" in out
+    dispatcher = f"dispatcher  {health.process_name()}: FAILING for 12.5 s (TimeoutError)"
+    assert f"{dispatcher}, backlog 4" in out
     assert "sinks       pending 0, dead-lettered 0" in out
     assert f"  {STUDY}  v1  open  0/1 final  pushed nowhere" in out
     assert "1.2.3.2  convert: unsupported Bits Allocated 7" in out
