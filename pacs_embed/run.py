@@ -36,7 +36,8 @@ from workers.janitor import name_of, reap
 
 log = structlog.get_logger(__name__)
 
-#: How long a first start may take before `run` gives up (the listener reconciles the spool).
+#: How long a first start may take before `run` gives up (Redis loading a large append-only
+#: file, a slow disk under the spool).
 START_TIMEOUT_SECONDS = 120.0
 
 
