@@ -54,7 +54,7 @@ from bench.push import LATENCY_SETTINGS, dicom_sink_env, sr_latency, study_files
 from pipeline.ledger import Ledger
 from pipeline.sections import QueueSettings
 from tests.chaos import ChaosDaemon, role_of, write_corpus
-from tests.daemon import argv, descendants, storescu, successes
+from tests.daemon import argv, descendants, proc_stat, rss_kb, storescu, successes
 from tests.orthanc import Orthanc
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -75,7 +75,7 @@ def roles(daemon: ChaosDaemon) -> dict[int, str]:
     names = {root: "run"}
     for pid in descendants(root):  # a parent always comes before its children
         own[pid] = role_of([a.decode(errors="replace") for a in argv(pid) if a])
-        fields = _stat(pid)
+        fields = proc_stat(pid)
         parent = int(fields[1]) if fields is not None else root
         role = own[pid]
         if role is None or role == own.get(parent):
@@ -84,31 +84,14 @@ def roles(daemon: ChaosDaemon) -> dict[int, str]:
     return names
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def cpu_ticks(pids: dict[int, str]) -> dict[int, int]:
     """utime + stime of each live pid, in clock ticks."""
     out = {}
     for pid in pids:
-        fields = _stat(pid)
+        fields = proc_stat(pid)
         if fields is not None:
             out[pid] = int(fields[11]) + int(fields[12])
     return out
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 class CpuMeter:

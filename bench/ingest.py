@@ -39,12 +39,15 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.ledger import Ledger
 from tests import factory
 from tests.conftest import free_port
 from tests.daemon import Daemon, dcmtk_env, echo, storescu, successes
 
 #: How long a reference receiver may take to start listening.
 START_SECONDS = 20.0
+#: How long the ledger may take to have every instance pacs-embed acknowledged.
+RECORD_SECONDS = 60.0
 
 Receiver = Callable[[Path], AbstractContextManager[tuple[int, Daemon | None]]]
 
@@ -122,23 +125,33 @@ def pacs_embed(processes: int) -> Receiver:
     return receiver
 
 
-def spool_write_seconds(daemon: Daemon) -> float:
-    """The sum of pacs-embed's durable-write histogram, from its /metrics."""
+def spool_write_seconds(daemon: Daemon, n: int) -> float:
+    """The sum of pacs-embed's durable-write histogram from its /metrics, once it counts all
+    ``n`` writes (the listener flushes its counts every few seconds)."""
     request = urllib.request.Request(f"http://127.0.0.1:{daemon.admin_port}/metrics")
     request.add_header("Authorization", f"Bearer {daemon.token()}")
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
-        families = text_string_to_metric_families(response.read().decode())
-        for family in families:
-            for sample in family.samples:
-                if sample.name == "pacs_embed_spool_write_seconds_sum":
-                    return float(sample.value)
-    return 0.0
+    histogram: dict[str, float] = {}
+
+    def complete() -> bool:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+            for family in text_string_to_metric_families(response.read().decode()):
+                if family.name == "pacs_embed_spool_write_seconds":
+                    histogram.update({s.name: s.value for s in family.samples})
+        return histogram.get("pacs_embed_spool_write_seconds_count", 0) >= n
+
+    daemon.wait_for(complete, 30, f"{n} durable writes counted")
+    return histogram["pacs_embed_spool_write_seconds_sum"]
 
 
 def recorded_after(daemon: Daemon, n: int) -> float:
-    """Seconds from now until the ledger has all ``n`` instances (the dispatcher took them)."""
+    """Seconds from now until the ledger has all ``n`` instances (the dispatcher took them
+    from the arrival log), polled in its Redis every few milliseconds."""
+    ledger = Ledger(daemon.redis())
     start = time.perf_counter()
-    daemon.wait_for(lambda: daemon.status()["instances"]["received"] >= n, 60, "all recorded")
+    while ledger.counts()["received"] < n:
+        if time.perf_counter() - start > RECORD_SECONDS:
+            raise SystemExit(f"not all {n} instances reached the ledger in {RECORD_SECONDS} s")
+        time.sleep(0.005)
     return time.perf_counter() - start
 
 
@@ -173,8 +186,8 @@ def main() -> None:
                         elapsed = send(port, files, associations)
                         seconds[name, associations].append(elapsed)
                         if daemon is not None and associations == 1 and "1 listener" in name:
-                            fsync.append(spool_write_seconds(daemon) / elapsed)
                             handed_on.append(recorded_after(daemon, n))
+                            fsync.append(spool_write_seconds(daemon, n) / elapsed)
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
 
     def rate(name: str, associations: int) -> float:

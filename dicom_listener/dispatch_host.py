@@ -107,9 +107,6 @@ class DispatchHost:
         skip = held | arrivals.listed(self.connection, self.node)
         return reconcile(self.spool, self.ledger, self.connection, submit, clean=False, skip=skip)
 
-    def _submit(self, path: Path) -> None:
-        self.dispatcher.submit(path)
-
     def _report(self, report: dict[str, object]) -> None:
         """Every few seconds, from the dispatcher's loop: its health and backlog (which the
         listeners' back-pressure reads), and its counts."""
@@ -123,7 +120,7 @@ class DispatchHost:
         sweeper = Sweeper(self.spool, self.ledger, self.connection)
         while not self._stopping.wait(SWEEP_SECONDS):
             try:
-                sweeper.sweep(self.dispatcher.held, self._submit)
+                sweeper.sweep(self.dispatcher.held, self.dispatcher.submit)
             except redis.RedisError as exc:
                 log.debug("reconcile.sweep_failed", error=type(exc).__name__)
 

@@ -52,35 +52,37 @@ def reconcile(
         "resubmitted": 0,
     }
     running = _Running.read(connection)
-    chunk: list[Path] = []
+    chunk: dict[str, Path] = {}
     for path in spool.walk():
-        if skip and Spool.uid_of(path) in skip:
+        uid = Spool.uid_of(path)
+        if uid in skip:
             counts["on_their_way"] += 1
             continue
-        chunk.append(path)
+        chunk[uid] = path
         if len(chunk) >= CHUNK:
             _reconcile_chunk(chunk, ledger, connection, submit, counts, running)
-            chunk = []
+            chunk = {}
     _reconcile_chunk(chunk, ledger, connection, submit, counts, running)
     log.info("reconcile.done", **counts)
     return counts
 
 
 def _reconcile_chunk(
-    paths: list[Path],
+    paths: dict[str, Path],
     ledger: Ledger,
     connection: redis.Redis,
     submit: Callable[[Path], None],
     counts: dict[str, int],
     running: _Running,
 ) -> None:
+    """``paths``: spooled files by SOP UID."""
     if not paths:
         return
-    uids = [Spool.uid_of(path) for path in paths]
+    uids = list(paths)
     final = ledger.final(uids)
     waiting = running.waiting(connection, ledger.jobs_of(uids))
     counts["spooled"] += len(paths)
-    for path, is_final, is_waiting in zip(paths, final, waiting, strict=True):
+    for path, is_final, is_waiting in zip(paths.values(), final, waiting, strict=True):
         if is_final:
             counts["final"] += 1
         elif is_waiting:

@@ -131,18 +131,18 @@ def _workers(workers: Any, pushers: Any) -> list[str]:
         for worker in workers:
             if not isinstance(worker, Mapping):
                 continue
-            job = worker.get("job")
-            lines.append(
-                f"  {worker.get('name', '?')}  {worker.get('state', '?')}"
-                + (f"  job {job}" if job else "")
-            )
+            lines.append(f"  {worker.get('name', '?')}  {worker.get('state', '?')}{_jobs(worker)}")
     if isinstance(pushers, Mapping):
         lines.append(f"pushers     {len(pushers)} alive")
         for name, report in sorted(pushers.items()):
-            job = report.get("job") if isinstance(report, Mapping) else None
             state = report.get("state", "?") if isinstance(report, Mapping) else "?"
-            lines.append(f"  {name}  {state}" + (f"  job {job}" if job else ""))
+            lines.append(f"  {name}  {state}{_jobs(report)}")
     return lines
+
+
+def _jobs(report: Any) -> str:
+    jobs = report.get("jobs") if isinstance(report, Mapping) else None
+    return f"  job {', '.join(map(str, jobs))}" if isinstance(jobs, list) and jobs else ""
 
 
 def _listeners(dispatchers: Any, associations: Any) -> list[str]:

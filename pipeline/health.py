@@ -45,6 +45,16 @@ def publish(
         log.debug("health.unpublished", component=component, error=type(exc).__name__)
 
 
+def jobs(report: dict[str, Any]) -> list[str]:
+    """The jobs a worker's or pusher's report says it runs: ``jobs``, or the single ``job`` of
+    a report written before workers ran several at once."""
+    running = report.get("jobs")
+    if isinstance(running, list):
+        return [str(job) for job in running]
+    job = report.get("job")
+    return [str(job)] if job else []
+
+
 def forget(connection: redis.Redis, component: str, name: str) -> None:
     """Withdraw process ``name``'s report (it stopped, or was found dead)."""
     connection.delete(health_key(component, name))

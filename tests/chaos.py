@@ -61,7 +61,7 @@ from dicom_listener.spool import SUFFIX, Spool
 from pipeline import keys
 from pipeline.ledger import Ledger
 from tests import factory
-from tests.daemon import AE_TITLE, Daemon, dcmtk_env, descendants
+from tests.daemon import AE_TITLE, Daemon, argv, dcmtk_env, descendants, proc_stat, rss_kb
 
 HOST = "127.0.0.1"
 
@@ -73,43 +73,27 @@ PIXEL_POOL = 32
 
 
 def _argv(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    return [part.decode(errors="replace") for part in argv(pid) if part]
 
 
 def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    fields = proc_stat(pid)
+    return int(fields[1]) if fields is not None else None
 
 
-def role_of(argv: Sequence[str]) -> str | None:
+def role_of(args: Sequence[str]) -> str | None:
     """``redis``, or the `pacs-embed` subcommand a process runs (``run``, ``listen``, ...)."""
-    if not argv:
+    if not args:
         return None
-    if "redis-server" in Path(argv[0].split(" ", 1)[0]).name:
+    if "redis-server" in Path(args[0].split(" ", 1)[0]).name:
         return "redis"  # redis rewrites its title: "redis-server unixsocket:..."
-    for i, part in enumerate(argv):
+    for i, part in enumerate(args):
         if part == "pacs_embed" or part.endswith("/pacs-embed"):
-            rest = list(argv[i + 1 :])
+            rest = list(args[i + 1 :])
             while rest and rest[0].startswith("-"):  # --config FILE
                 rest = rest[2:] if rest[0] == "--config" else rest[1:]
             return rest[0] if rest else None
     return None
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 class ChaosDaemon(Daemon):
@@ -133,11 +117,6 @@ class ChaosDaemon(Daemon):
     def listener_in_run(self) -> bool:
         """The listener runs inside `run` (no `listen` child): killing it kills the daemon."""
         return not self.pids("listen")
-
-    def redis(self) -> redis.Redis:
-        """The private Redis of this state dir (the URL file `run` writes)."""
-        url = (self.state_dir / "redis" / "url").read_text().strip()
-        return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
 
     @property
     def emulator_url(self) -> str:
@@ -580,8 +559,8 @@ class RssSampler(_Sampling):
         while not self._stop.wait(self.every):
             with contextlib.suppress(Exception):  # a process that just died: next sample
                 for pid in self.daemon.pids(self.role):
-                    own = _rss_kb(pid)
-                    tree = own + sum(_rss_kb(child) for child in descendants(pid))
+                    own = rss_kb(pid)
+                    tree = own + sum(rss_kb(child) for child in descendants(pid))
                     self.peak_kb = max(self.peak_kb, own)
                     self.peak_tree_kb = max(self.peak_tree_kb, tree)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 
 from tests.conftest import free_port
 from tests.sinks_peers import Recorded
@@ -87,6 +88,11 @@ class Daemon:
     # -- observing ----------------------------------------------------------------------------
     def token(self) -> str:
         return (self.state_dir / "secrets" / "admin.token").read_text().strip()
+
+    def redis(self) -> redis.Redis:
+        """The private Redis of this state dir (the URL file `run` writes)."""
+        url = (self.state_dir / "redis" / "url").read_text().strip()
+        return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
 
     def _get(self, path: str, token: str | None = None) -> dict[str, Any] | None:
         return get_json(self.admin_port, path, token)
@@ -214,16 +220,28 @@ def successes(result: subprocess.CompletedProcess[str]) -> int:
     return (result.stdout + result.stderr).count("Received Store Response (Success)")
 
 
-def _stat(pid: int) -> list[str] | None:
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first); None once gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
+def rss_kb(pid: int) -> int:
+    """Resident memory of ``pid`` in kB (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's zombie waits for init, which may never reap it)."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     return fields is not None and fields[0] != "Z"
 
 
@@ -231,7 +249,7 @@ def descendants(root: int) -> list[int]:
     """Every live process below ``root``, from /proc's parent links."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat(int(stat.parent.name))
+        fields = proc_stat(int(stat.parent.name))
         if fields is not None:
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     found, todo = [], [root]
@@ -261,7 +279,7 @@ def children(daemon: Daemon, needle: bytes = b"") -> list[int]:
     assert daemon.proc is not None
     found = []
     for pid in descendants(daemon.proc.pid):
-        fields = _stat(pid)
+        fields = proc_stat(pid)
         if fields is None or int(fields[1]) != daemon.proc.pid:
             continue
         if any(needle in arg for arg in argv(pid)):

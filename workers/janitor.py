@@ -38,7 +38,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import redis
 import structlog
@@ -200,15 +199,6 @@ return 0
         self._release(keys=[self.key], args=[self.holder])
 
 
-def running(report: dict[str, Any]) -> list[str]:
-    """The jobs a worker's health report says it runs (``job`` alone in older reports)."""
-    jobs = report.get("jobs")
-    if isinstance(jobs, list):
-        return [str(job) for job in jobs]
-    job = report.get("job")
-    return [str(job)] if job else []
-
-
 class Janitor:
     """The thread described in the module docstring, one per worker process."""
 
@@ -260,7 +250,6 @@ class Janitor:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "state": "busy" if jobs else "idle",
-                "job": jobs[0] if jobs else None,  # the first, for readers of one job
                 "jobs": jobs,
                 "since": self.started,
                 "at": time.time(),
@@ -275,7 +264,7 @@ class Janitor:
         living = set(reports) | {self.name}
 
         def orphaned(worker: str, job: str, started: float) -> bool:
-            return job not in running(reports.get(worker, {})) and (
+            return job not in health.jobs(reports.get(worker, {})) and (
                 time.time() - started > ORPHAN_SECONDS
             )
 

@@ -191,7 +191,8 @@ function render(doc, studies, failures) {
   fill($("associations"), doc.associations, [
     (a) => a.calling_ae, (a) => a.address, (a) => new Date(a.since * 1000).toISOString(),
     (a) => a.instances]);
-  fill($("workers"), doc.workers, [(w) => w.host, (w) => w.pid, (w) => w.state, (w) => w.job]);
+  fill($("workers"), doc.workers, [
+    (w) => w.host, (w) => w.pid, (w) => w.state, (w) => w.jobs.join(", ")]);
   fill($("studies"), studies.studies, [
     (s) => s.study_instance_uid, (s) => s.state, (s) => s.version, (s) => s.received,
     (s) => s.final, (s) => s.received ? Math.round(100 * s.final / s.received) + "%" : "",
@@ -277,7 +278,7 @@ def _document() -> tuple[bytes, str]:
             _table(
                 "Open associations", "associations", ("calling AE", "address", "since", "instances")
             ),
-            _table("Workers", "workers", ("host", "pid", "state", "current job")),
+            _table("Workers", "workers", ("host", "pid", "state", "jobs running")),
             _table(
                 "Recent studies",
                 "studies",

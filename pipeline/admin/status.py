@@ -135,10 +135,14 @@ def gather(
         # live workers from their own reports (renewed every second, unlike rq's registration:
         # a killed worker is gone from here within seconds)
         "workers": [
-            {"name": name, **report} for name, report in sorted(reports[health.WORKER].items())
+            {"name": name, **report, "jobs": health.jobs(report)}
+            for name, report in sorted(reports[health.WORKER].items())
         ],
         "dispatchers": health.reports(connection, health.DISPATCHER),
-        "pushers": reports[health.PUSHER],
+        "pushers": {
+            name: {**report, "jobs": health.jobs(report)}
+            for name, report in reports[health.PUSHER].items()
+        },
         "studies": studies(connection),
         "sinks": sinks(connection, queues["push"]),
         "failures": [asdict(failure) for failure in ledger.failures(limit=50)],
