@@ -97,7 +97,10 @@ class Root:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return self._connection if self._connection is not None else connect(self.settings)
+        """The given connection, else one of our own, closed (its sockets too) with the root."""
+        if self._connection is not None:
+            return self._connection
+        return self._closing.enter_context(connect(self.settings))
 
     @cached_property
     def ledger(self) -> Ledger:

@@ -356,7 +356,8 @@ def test_readyz_is_503_while_redis_is_down_and_200_when_it_is_back(tmp_path: Pat
     readyz = request_bytes("GET", "/readyz", BEARER)
 
     def a_worker_reports() -> None:
-        health.publish(redis.Redis.from_url(server.url), health.WORKER, {"state": "idle"}, ttl=60)
+        with redis.Redis.from_url(server.url) as client:
+            health.publish(client, health.WORKER, {"state": "idle"}, ttl=60)
 
     try:
         answer = exchange(admin.address, readyz)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -330,3 +331,23 @@ def test_complete_files_still_read(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes() + b"\0\0")  # two stray bytes: not a whole element
     with pytest.raises(ConversionError, match="truncated: the file ends inside an element header"):
         decode.read(path, 1 << 30)
+
+
+def test_a_finalizer_warning_during_the_read_is_not_blamed_on_the_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Warnings raised while a file is parsed are passed on, except ResourceWarnings: those are
+    finalizers reporting on other objects the garbage collector freed meanwhile (CI once failed
+    a conversion under ``-W error`` over a socket another test had leaked)."""
+    read = pydicom.dcmread
+
+    def read_while_something_else_is_collected(*args: object, **kwargs: object) -> object:
+        warnings.warn("unclosed <socket.socket fd=13>", ResourceWarning, stacklevel=1)
+        warnings.warn("an odd value in the data set", UserWarning, stacklevel=1)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", read_while_something_else_is_collected)
+    with pytest.warns(UserWarning, match="an odd value") as passed_on:
+        ds = decode.read(Path(str(get_testdata_file("CT_small.dcm"))), 1 << 30)
+    assert ds.Modality == "CT"
+    assert [w.category for w in passed_on] == [UserWarning]

@@ -175,7 +175,7 @@ def test_real_refused_connection_and_timeout_are_transient(client: httpx.Client)
         WebhookSink(f"http://127.0.0.1:{free_port()}/", SECRET, client, timeout=2).send(BODY, KEY)
 
     def slow(request: Recorded) -> tuple[int, dict[str, str], bytes]:
-        time.sleep(1.0)
+        time.sleep(2.0)
         return 200, {}, b""
 
     with HTTPReceiver(slow) as receiver:
@@ -183,7 +183,7 @@ def test_real_refused_connection_and_timeout_are_transient(client: httpx.Client)
         started = time.monotonic()
         with pytest.raises(TransientPushError, match="ReadTimeout"):
             sink.send(BODY, KEY)
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 1.5  # gave up before the answer came
 
 
 def test_from_settings_needs_a_url_and_a_secret(client: httpx.Client) -> None:

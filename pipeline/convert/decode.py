@@ -191,6 +191,11 @@ def read(path: Path, max_decoded_bytes: int) -> Dataset:
                 "undefined-length element (no delimiter)",
                 detail=str(warning.message),
             )
+        if issubclass(warning.category, ResourceWarning):
+            # A finalizer's report on some other object that the garbage collector happened to
+            # free during the read (a socket another thread leaked, say). Passed on from here it
+            # would be blamed on this file, and under ``-W error`` fail its conversion.
+            continue
         warnings.warn(warning.message, stacklevel=2)  # not ours to judge: pass it on
     if not deflated:  # a Deflated data set's offsets count inflated bytes, not the file's
         _check_complete(ds, len(data))
