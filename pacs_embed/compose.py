@@ -100,7 +100,9 @@ class Root:
         """The given connection, else one of our own, closed (its sockets too) with the root."""
         if self._connection is not None:
             return self._connection
-        return self._closing.enter_context(connect(self.settings))
+        connection = connect(self.settings)
+        self._closing.callback(connection.close)
+        return connection
 
     @cached_property
     def ledger(self) -> Ledger:
