@@ -28,7 +28,8 @@ from pipeline import health, keys
 from pipeline.embed.limiter import RedisLimiter
 from tests import factory
 from tests.daemon import Daemon, children, storescu, successes
-from workers.janitor import MAX_WORKER_DEATHS, SCHEDULER_LOCK_SECONDS, Janitor
+from workers.janitor import MAX_WORKER_DEATHS, SCHEDULER_LOCK_SECONDS, WORKER_DEATHS, Janitor
+from workers.overlap import RUN_ALONE
 
 QUEUE = "embed"
 
@@ -88,7 +89,7 @@ def test_a_job_that_keeps_killing_its_worker_is_failed_with_the_reason(
 ) -> None:
     queue = Queue(QUEUE, connection=redis_conn)
     job = start_on(redis_conn, queue, "ghost:1")
-    job.meta["worker_deaths"] = MAX_WORKER_DEATHS - 1
+    job.meta[WORKER_DEATHS] = MAX_WORKER_DEATHS - 1
     job.save_meta()  # type: ignore[no-untyped-call]
     given_up: list[tuple[str, str]] = []
 
@@ -97,6 +98,41 @@ def test_a_job_that_keeps_killing_its_worker_is_failed_with_the_reason(
     assert queue.job_ids == []
     assert FailedJobRegistry(queue=queue).get_job_ids() == [job.id]
     assert given_up and given_up[0][0] == job.id and "died 3 times" in given_up[0][1]
+
+
+def test_a_worker_that_died_running_two_jobs_counts_against_neither_until_each_runs_alone(
+    redis_conn: redis.Redis,
+) -> None:
+    """A worker running two jobs at once died: either may have killed it, so neither is failed
+    (one was at its last death) nor counted; both go back flagged to run alone. The next death
+    of a flagged job, alone, counts and fails it."""
+    queue = Queue(QUEUE, connection=redis_conn)
+    culprit = queue.enqueue(noop, meta={WORKER_DEATHS: MAX_WORKER_DEATHS - 1})
+    bystander = queue.enqueue(noop)
+    worker = SimpleWorker([queue], connection=redis_conn, name="ghost:3")
+    worker.register_birth()
+    for job in (culprit, bystander):  # as an overlapping worker starts its two
+        queue.dequeue_any([queue], None, connection=redis_conn)
+        worker.prepare_execution(job)
+    given_up: list[str] = []
+    janitor = Janitor(redis_conn, queue, give_up=lambda j, _why: given_up.append(j.id))
+
+    janitor.tick()
+
+    assert sorted(queue.job_ids) == sorted([culprit.id, bystander.id]) and given_up == []
+    for job, deaths in ((culprit, MAX_WORKER_DEATHS - 1), (bystander, 0)):
+        job.refresh()
+        assert job.meta.get(RUN_ALONE) is True
+        assert job.meta.get(WORKER_DEATHS, 0) == deaths
+
+    for _ in queue.job_ids:  # the next worker takes the culprit alone, and dies again
+        queue.dequeue_any([queue], None, connection=redis_conn)
+    alone = SimpleWorker([queue], connection=redis_conn, name="ghost:4")
+    alone.register_birth()
+    alone.prepare_execution(culprit)
+    janitor.tick()
+    assert given_up == [culprit.id]
+    assert FailedJobRegistry(queue=queue).get_job_ids() == [culprit.id]
 
 
 def test_two_janitors_requeue_a_dead_workers_job_once(redis_conn: redis.Redis) -> None:

@@ -36,7 +36,7 @@ from pipeline.store import EmbeddingStore
 from workers import runtime
 from workers.janitor import Janitor, reap, worker_name
 from workers.jobs import embed_batch
-from workers.overlap import OverlappingWorker
+from workers.overlap import RUN_ALONE, OverlappingWorker
 from workers.service import EmbedService
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,17 +44,20 @@ QUEUE = "overlap-test"
 GATE = "test:gate"
 STARTED = "test:started"
 DONE = "test:done"
+EVENTS = "test:events"
 
 
 def gated(name: str) -> str:
     """A job: note it started, wait until the gate opens (at most 30 s), note it done."""
     conn = redis.Redis.from_url(os.environ["TEST_REDIS_URL"])
     conn.rpush(STARTED, name)
+    conn.rpush(EVENTS, f"start {name}")
     deadline = time.monotonic() + 30
     while not conn.exists(GATE):
         if time.monotonic() > deadline:
             raise TimeoutError("the gate never opened")
         time.sleep(0.01)
+    conn.rpush(EVENTS, f"end {name}")
     conn.rpush(DONE, name)
     return name
 
@@ -114,6 +117,28 @@ def test_two_jobs_run_at_once_and_a_third_waits_on_the_queue(
     assert sorted(texts(redis_conn, DONE)) == ["a", "b", "c"]
     assert worker.running_jobs() == []
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
+def test_a_job_flagged_to_run_alone_runs_with_nothing_beside_it(
+    queue: Queue, redis_conn: redis.Redis
+) -> None:
+    """A job the janitor flagged (its worker died running it beside another) is taken while
+    another job runs, waits for it to end, and runs alone: the job after it is not dequeued
+    until it has ended."""
+    _, flagged, after = enqueue(queue, "a", "b", "c")
+    flagged.meta[RUN_ALONE] = True
+    flagged.save_meta()  # type: ignore[no-untyped-call]
+    worker = OverlappingWorker([queue], connection=redis_conn, concurrency=2)
+    seen: dict[str, object] = {}
+
+    def look() -> None:
+        wait_for(lambda: len(worker.running_jobs()) == 2, "the flagged job to be taken")
+        seen.update(started=texts(redis_conn, STARTED), queued=queue.job_ids)
+
+    open_gate_when(redis_conn, lambda: redis_conn.llen(STARTED) == 1, look)
+    worker.work(burst=True)
+    assert seen == {"started": ["a"], "queued": [after.id]}  # b taken, waiting; c not taken
+    assert texts(redis_conn, EVENTS) == ["start a", "end a", "start b", "end b", "start c", "end c"]
 
 
 def test_one_job_at_a_time_when_concurrency_is_1(queue: Queue, redis_conn: redis.Redis) -> None:
@@ -176,7 +201,7 @@ VICTIM = """
 import sys
 import redis
 from rq import Queue, SimpleWorker
-from workers.overlap import OverlappingWorker
+from workers.overlap import RUN_ALONE, OverlappingWorker
 conn = redis.Redis.from_url(sys.argv[1])
 worker = OverlappingWorker([Queue(sys.argv[2], connection=conn)], connection=conn,
                            name=sys.argv[3], concurrency=2)
@@ -216,6 +241,8 @@ def test_a_killed_worker_with_two_jobs_running_loses_neither(
 
     assert reap(redis_conn, queue, dead=lambda name: name == "victim:1") == 2
     assert sorted(queue.job_ids[:2]) == ["job-a", "job-b"] and queue.job_ids[2] == "job-c"
+    for job_id in ("job-a", "job-b"):  # either may have killed it: each runs alone next
+        assert Job.fetch(job_id, connection=redis_conn).meta == {RUN_ALONE: True}
     redis_conn.set(GATE, 1)
     OverlappingWorker([queue], connection=redis_conn, concurrency=2).work(burst=True)
     assert sorted(texts(redis_conn, DONE)) == ["a", "b", "c"]

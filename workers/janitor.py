@@ -19,7 +19,12 @@ So every worker runs one small thread that, every :data:`TICK_SECONDS`:
    only as it starts it in a thread, so a started job of a live worker that its report lists is
    really running. A job
    whose workers died :data:`MAX_WORKER_DEATHS` times is failed instead (a batch that kills its
-   worker, by memory or a native crash, must not take the fleet down one worker at a time);
+   worker, by memory or a native crash, must not take the fleet down one worker at a time).
+   Only a death while the job ran alone counts: a worker that died running several jobs at
+   once (``workers.overlap``) does not say which one killed it, so each of them is requeued
+   flagged to run alone next time, at no cost; the flag stays, so each such job is suspected
+   once at most, and a batch that kills every worker it runs in is failed after its own
+   :data:`MAX_WORKER_DEATHS`, alone, while the batches beside it go on;
 3. holds its queue's scheduler lock (``pe:scheduler:<queue>``, a few seconds, renewed) or takes
    it when free, and its holder moves due retries from rq's scheduled registry onto the queue.
    A stopped worker releases the lock; a killed one loses it within seconds.
@@ -37,6 +42,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 
 import redis
@@ -53,6 +59,7 @@ from rq.worker import Worker
 from pipeline import health
 from pipeline.embed.limiter import drop_leases_of
 from pipeline.keys import scheduler_lock, text
+from workers.overlap import RUN_ALONE
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +79,9 @@ SCHEDULER_LOCK_SECONDS = 5
 
 #: After this many worker deaths on one job, the job is failed rather than requeued again.
 MAX_WORKER_DEATHS = 3
+
+#: ``job.meta`` key: how many times a worker died while running the job alone.
+WORKER_DEATHS = "worker_deaths"
 
 #: How long a failed job stays in rq's failed registry (the ledger holds the failure).
 FAILED_TTL_SECONDS = 7 * 24 * 3600
@@ -106,11 +116,14 @@ def reap(
     registry = StartedJobRegistry(queue=queue)
     recovered = 0
     gone: set[str] = set()
+    started_jobs = []
     for entry in [text(e) for e in connection.zrange(registry.key, 0, -1)]:
         job_id, execution_id = parse_composite_key(entry)
         name, started = _execution(connection, job_id, execution_id)
-        if not name:
-            continue
+        if name:
+            started_jobs.append((entry, job_id, name, started))
+    running = Counter(name for _entry, _job_id, name, _started in started_jobs)
+    for entry, job_id, name, started in started_jobs:
         is_dead = dead(name)
         if not is_dead and not orphaned(name, job_id, started):
             continue
@@ -122,7 +135,8 @@ def reap(
             job = Job.fetch(job_id, connection=connection)
         except NoSuchJobError:
             continue
-        recovered += _recover(connection, queue, job, name, give_up)
+        suspect = is_dead and running[name] > 1  # it may not be what killed its worker
+        recovered += _recover(connection, queue, job, name, give_up, suspect=suspect)
     for name in gone:
         forget(connection, name, component)
     return recovered
@@ -139,10 +153,24 @@ def _execution(connection: redis.Redis, job_id: str, execution_id: str) -> tuple
 
 
 def _recover(
-    connection: redis.Redis, queue: Queue, job: Job, worker: str, give_up: GiveUp | None
+    connection: redis.Redis,
+    queue: Queue,
+    job: Job,
+    worker: str,
+    give_up: GiveUp | None,
+    *,
+    suspect: bool = False,
 ) -> int:
-    deaths = int(job.meta.get("worker_deaths", 0)) + 1
-    job.meta["worker_deaths"] = deaths
+    """Requeue ``job`` at the front, or fail it at its last death. A ``suspect`` (its worker
+    ran other jobs too) is flagged to run alone instead of counting the death."""
+    if suspect:
+        job.meta[RUN_ALONE] = True
+        job.save_meta()  # type: ignore[no-untyped-call]
+        queue.enqueue_job(job, at_front=True)
+        log.warning("janitor.job_requeued_to_run_alone", job_id=job.id, dead_worker=worker)
+        return 1
+    deaths = int(job.meta.get(WORKER_DEATHS, 0)) + 1
+    job.meta[WORKER_DEATHS] = deaths
     job.save_meta()  # type: ignore[no-untyped-call]
     if deaths >= MAX_WORKER_DEATHS:
         reason = f"its worker died {deaths} times while running it (killed, out of memory?)"

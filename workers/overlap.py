@@ -20,7 +20,11 @@ rq's semantics are kept (rq 3 records several executions per worker):
 * a warm shutdown (SIGTERM) stops dequeueing and waits for the jobs running (:meth:`teardown`);
   a second signal exits at once, and the jobs go back to the queue like a dead worker's;
 * job timeouts raise in the job's own thread (rq's ``TimerDeathPenalty``): ``SIGALRM``, rq's
-  default, reaches only the main thread.
+  default, reaches only the main thread;
+* a job flagged :data:`RUN_ALONE` (its worker died while it ran beside others, so which one
+  killed it is not known) starts once the jobs already running have ended, and nothing else
+  starts beside it: a death then is its own, and only such deaths count against a job
+  (``workers.janitor``), so a batch that kills its worker cannot take innocent ones down with it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ log = structlog.get_logger(__name__)
 #: How often a wait for a free thread wakes, so the main thread notices signals promptly.
 WAKE_SECONDS = 0.5
 
+#: ``job.meta`` key: run this job with no other beside it (set by the janitor).
+RUN_ALONE = "run_alone"
+
 
 class OverlappingWorker(SimpleWorker):
     """A ``SimpleWorker`` (no fork per job, warm HTTP pool) running up to ``concurrency`` jobs
@@ -58,17 +65,21 @@ class OverlappingWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Start ``job`` in a thread (registered started first), then return once a thread is
         free: rq's loop dequeues the next job only then."""
+        alone = bool(job.meta.get(RUN_ALONE))
         execution = self.prepare_execution(job)
         thread = threading.Thread(
             target=self._perform,
-            args=(job, queue, execution),
+            args=(job, queue, execution, alone),
             name=f"job-{job.id[-12:]}",
             daemon=True,  # a cold shutdown must not wait; the janitor requeues what was running
         )
         with self._changed:
             self._running[thread] = job.id
         thread.start()
-        self._wait_until(lambda: len(self._running) < self.concurrency)
+        if alone:  # nothing else is taken until it has run
+            self._wait_until(lambda: not self._running)
+        else:
+            self._wait_until(lambda: len(self._running) < self.concurrency)
 
     def running_jobs(self) -> list[str]:
         """The ids of the jobs running now (for the janitor's report)."""
@@ -80,7 +91,11 @@ class OverlappingWorker(SimpleWorker):
         self._wait_until(lambda: not self._running)
         super().teardown()  # type: ignore[no-untyped-call]
 
-    def _perform(self, job: Job, queue: Queue, execution: Execution) -> None:
+    def _perform(self, job: Job, queue: Queue, execution: Execution, alone: bool) -> None:
+        if alone:  # registered started (a crash meanwhile requeues it), and waits its turn
+            me = threading.current_thread()
+            self._wait_until(lambda: list(self._running) == [me])
+            log.info("worker.job_runs_alone", job_id=job.id)
         try:
             # rq's perform_job records success, retry or failure itself (and never raises for
             # the job's own errors); what escapes is Redis failing under that bookkeeping, and

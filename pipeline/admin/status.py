@@ -186,7 +186,7 @@ def ready(
     probe = spool_dir / "tmp" / ".readyz"
     try:
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # a listener starting meanwhile may clear tmp/ first
         checks["spool_writable"] = True
     except OSError:
         pass
