@@ -201,7 +201,7 @@ VICTIM = """
 import sys
 import redis
 from rq import Queue, SimpleWorker
-from workers.overlap import RUN_ALONE, OverlappingWorker
+from workers.overlap import OverlappingWorker
 conn = redis.Redis.from_url(sys.argv[1])
 worker = OverlappingWorker([Queue(sys.argv[2], connection=conn)], connection=conn,
                            name=sys.argv[3], concurrency=2)
@@ -246,6 +246,43 @@ def test_a_killed_worker_with_two_jobs_running_loses_neither(
     redis_conn.set(GATE, 1)
     OverlappingWorker([queue], connection=redis_conn, concurrency=2).work(burst=True)
     assert sorted(texts(redis_conn, DONE)) == ["a", "b", "c"]
+
+
+def poison() -> None:
+    """A job that kills its worker, as an out-of-memory kill would; the first time once the job
+    beside it has started."""
+    conn = redis.Redis.from_url(os.environ["TEST_REDIS_URL"])
+    conn.rpush(STARTED, "poison")
+    deadline = time.monotonic() + 1
+    while conn.llen(STARTED) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_poison_job_is_failed_on_its_own_deaths_and_the_job_beside_it_runs(
+    queue: Queue, redis_conn: redis.Redis, victim: Callable[[str], subprocess.Popen[bytes]]
+) -> None:
+    """A batch that kills every worker it runs in, started beside an innocent one: the first
+    death counts against neither; then each runs alone, the poison is failed after its own
+    three deaths and the innocent one completes."""
+    poisoned = queue.enqueue(poison, job_id="job-poison", result_ttl=0)
+    enqueue(queue, "innocent")
+    given_up: list[str] = []
+    for n in range(1, 6):
+        name = f"victim:{n}"
+        proc = victim(name)
+        if n == 1:
+            wait_for(lambda: redis_conn.llen(STARTED) == 2, "both jobs to start together")
+            redis_conn.set(GATE, 1)
+        proc.wait(20)  # every worker takes the poison sooner or later
+        reap(redis_conn, queue, dead=name.__eq__, give_up=lambda job, _: given_up.append(job.id))
+        if given_up:
+            break
+    assert given_up == ["job-poison"] and n == 4  # together once, then alone three times
+    victim("victim:next")  # if the poison went first each time, the innocent one is still due
+    wait_for(lambda: texts(redis_conn, DONE) == ["innocent"], "the innocent job to end")
+    assert queue.job_ids == []
+    assert Job.fetch(poisoned.id, connection=redis_conn).get_status() == "failed"
 
 
 def test_sigterm_lets_both_running_jobs_finish_and_takes_no_more(
