@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -140,34 +139,6 @@ def test_a_job_flagged_to_run_alone_runs_with_nothing_beside_it(
     worker.work(burst=True)
     assert seen == {"started": ["a"], "queued": [after.id]}  # b taken, waiting; c not taken
     assert texts(redis_conn, EVENTS) == ["start a", "end a", "start b", "end b", "start c", "end c"]
-
-
-def test_rq_shows_the_worker_busy_while_a_job_runs_beside_its_next_dequeue(
-    queue: Queue, redis_conn: redis.Redis
-) -> None:
-    """With a thread free, rq's loop goes back to dequeueing (and says idle) while a job runs:
-    ``rq info`` must still show the worker busy, and idle once the job has ended."""
-    enqueue(queue, "a")
-    looked = threading.Event()
-
-    class Watched(OverlappingWorker):
-        def dequeue_job_and_maintain_ttl(self, *args: Any, **kwargs: Any) -> Any:
-            taken = super().dequeue_job_and_maintain_ttl(*args, **kwargs)
-            if taken is None:  # it looked beside the running job, and found none
-                looked.set()
-            return taken
-
-    worker = Watched([queue], connection=redis_conn, concurrency=2)
-    seen: dict[str, object] = {}
-
-    def look() -> None:
-        assert looked.wait(15), "the loop never looked for another job"
-        seen["running"] = text(redis_conn.hget(worker.key, "state") or b"")
-
-    open_gate_when(redis_conn, lambda: redis_conn.llen(STARTED) == 1, look)
-    worker.work(burst=True)
-    assert seen == {"running": "busy"}
-    assert worker.get_state() == "idle"
 
 
 def test_one_job_at_a_time_when_concurrency_is_1(queue: Queue, redis_conn: redis.Redis) -> None:

@@ -19,8 +19,6 @@ rq's semantics are kept (rq 3 records several executions per worker):
   second job is never taken for an orphan;
 * a warm shutdown (SIGTERM) stops dequeueing and waits for the jobs running (:meth:`teardown`);
   a second signal exits at once, and the jobs go back to the queue like a dead worker's;
-* rq's worker state (``rq info``, dashboards) reads busy while any job runs: rq's loop sets it
-  idle before each dequeue, which here happens beside running jobs;
 * job timeouts raise in the job's own thread (rq's ``TimerDeathPenalty``): ``SIGALRM``, rq's
   default, reaches only the main thread;
 * a job flagged :data:`RUN_ALONE` (its worker died while it ran beside others, so which one
@@ -31,19 +29,15 @@ rq's semantics are kept (rq 3 records several executions per worker):
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
 
-import redis
 import structlog
-from redis.client import Pipeline
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.job import Job
 from rq.timeouts import TimerDeathPenalty
-from rq.worker import WorkerStatus
 
 log = structlog.get_logger(__name__)
 
@@ -72,27 +66,20 @@ class OverlappingWorker(SimpleWorker):
         """Start ``job`` in a thread (registered started first), then return once a thread is
         free: rq's loop dequeues the next job only then."""
         alone = bool(job.meta.get(RUN_ALONE))
-        with self._changed:  # so a job ending meanwhile does not mark the worker idle
-            execution = self.prepare_execution(job)  # rq's state: busy
-            thread = threading.Thread(
-                target=self._perform,
-                args=(job, queue, execution, alone),
-                name=f"job-{job.id[-12:]}",
-                daemon=True,  # a cold shutdown must not wait: the janitor requeues what ran
-            )
+        execution = self.prepare_execution(job)
+        thread = threading.Thread(
+            target=self._perform,
+            args=(job, queue, execution, alone),
+            name=f"job-{job.id[-12:]}",
+            daemon=True,  # a cold shutdown must not wait; the janitor requeues what was running
+        )
+        with self._changed:
             self._running[thread] = job.id
         thread.start()
         if alone:  # nothing else is taken until it has run
             self._wait_until(lambda: not self._running)
         else:
             self._wait_until(lambda: len(self._running) < self.concurrency)
-
-    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
-        """rq's state, as ``rq info`` and dashboards show it: rq's loop says idle before each
-        dequeue, but while a job runs in a thread the worker is busy."""
-        if state == WorkerStatus.IDLE and self.running_jobs():
-            state = WorkerStatus.BUSY
-        super().set_state(state, pipeline)
 
     def running_jobs(self) -> list[str]:
         """The ids of the jobs running now (for the janitor's report)."""
@@ -120,9 +107,6 @@ class OverlappingWorker(SimpleWorker):
             with self._changed:
                 self._running.pop(threading.current_thread(), None)
                 self._changed.notify_all()
-                if not self._running:  # under the lock: no job is being registered meanwhile
-                    with contextlib.suppress(redis.RedisError):  # a cosmetic state, for rq info
-                        self.set_state(WorkerStatus.IDLE)
 
     def _wait_until(self, done: Callable[[], bool]) -> None:
         with self._changed:
