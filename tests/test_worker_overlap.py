@@ -306,6 +306,30 @@ def test_sigterm_lets_both_running_jobs_finish_and_takes_no_more(
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
 
 
+def test_sigterm_while_the_loop_waits_for_work_beside_a_job_stops_once_it_ends(
+    queue: Queue, redis_conn: redis.Redis, victim: Callable[[str], subprocess.Popen[bytes]]
+) -> None:
+    """One job running, a thread free: rq's loop waits for work on the queue (a blocking pop)
+    and its state reads idle, which is what makes rq's warm shutdown end that wait at once.
+    The job still finishes and the worker exits, without waiting out the pop. (Keeping rq's
+    state "busy" while a thread runs a job, for ``rq info``, broke exactly this: the worker sat
+    in its pop after SIGTERM until killed.)"""
+    enqueue(queue, "a")
+    proc = victim("waiting:1")
+    wait_for(lambda: redis_conn.llen(STARTED) == 1, "the worker to start the job")
+
+    def waiting_for_work() -> bool:  # rq's loop blocks in BLMOVE on the queue
+        return any(c["cmd"] == "blmove" and "b" in c["flags"] for c in redis_conn.client_list())
+
+    wait_for(waiting_for_work, "the loop to block waiting for work")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: not waiting_for_work(), "the stop request to end the wait")
+    assert texts(redis_conn, DONE) == []  # the job still runs
+    redis_conn.set(GATE, 1)
+    assert proc.wait(15) == 0
+    assert texts(redis_conn, DONE) == ["a"]
+
+
 def image(series: str, n: int) -> ImageItem:
     record = ImageRecord(
         sop_instance_uid=f"{series}.{n}",
