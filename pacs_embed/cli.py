@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from pacs_embed import check_config, summary, verdict_commands
 from pacs_embed import run as run_command
@@ -96,23 +97,11 @@ def run(args: argparse.Namespace, root: Root) -> int:
 
 
 def listen(_args: argparse.Namespace, root: Root) -> int:
-    listener = root.listener
-    listener.start()
-    try:
-        _wait_for_signal()
-    finally:
-        listener.stop()
-    return 0
+    return _serve_until_signal(root.listener)
 
 
 def dispatch(_args: argparse.Namespace, root: Root) -> int:
-    host = root.dispatch_host
-    host.start()
-    try:
-        _wait_for_signal()
-    finally:
-        host.stop()
-    return 0
+    return _serve_until_signal(root.dispatch_host)
 
 
 def worker(args: argparse.Namespace, root: Root) -> int:
@@ -246,6 +235,21 @@ COMMANDS: dict[str, Command] = {
     "reference": verdict_commands.reference,
     "search": verdict_commands.search,
 }
+
+
+class _Service(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def _serve_until_signal(service: _Service) -> int:
+    """Run a service whose threads do the work until SIGTERM or SIGINT, then stop it."""
+    service.start()
+    try:
+        _wait_for_signal()
+    finally:
+        service.stop()
+    return 0
 
 
 def _wait_for_signal() -> None:

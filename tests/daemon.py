@@ -245,6 +245,15 @@ def running(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 50 ms until it holds; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def descendants(root: int) -> list[int]:
     """Every live process below ``root``, from /proc's parent links."""
     children: dict[int, list[int]] = {}

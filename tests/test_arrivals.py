@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -23,15 +22,8 @@ from pipeline.keys import arrivals_key
 from pipeline.ledger import Ledger
 from tests import factory
 from tests.conftest import free_port
-from tests.daemon import Daemon, children, storescu, successes
+from tests.daemon import Daemon, children, storescu, successes, wait_for
 from tests.test_listener_slots import make_listener, starting
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
@@ -59,9 +51,9 @@ def test_arrivals_wait_out_a_redis_outage_in_order(tmp_path: Path) -> None:
             log.add(uid)
         assert log.backlog() == 5
         server = start_redis(port, tmp_path)
-        wait_until(lambda: connection.llen(arrivals_key("n1")) == 5, 30, "the arrivals written")
+        wait_for(lambda: connection.llen(arrivals_key("n1")) == 5, 30, "the arrivals written")
         assert arrivals.take(connection, "n1", 100) == (uids, True)
-        wait_until(lambda: log.backlog() == 0, 10, "the backlog refreshed")
+        wait_for(lambda: log.backlog() == 0, 10, "the backlog refreshed")
     finally:
         log.stop()
         connection.close()
@@ -76,9 +68,9 @@ def test_a_starting_listener_asks_for_one_reconciliation(redis_conn: redis.Redis
     log = ArrivalLog(redis_conn, "n1")
     log.start()
     try:
-        wait_until(lambda: arrivals.take(redis_conn, "n1", 10)[1], 10, "the request")
+        wait_for(lambda: arrivals.take(redis_conn, "n1", 10)[1], 10, "the request")
         log.add("1.2.3.4")
-        wait_until(lambda: redis_conn.llen(arrivals_key("n1")) == 1, 10, "the arrival")
+        wait_for(lambda: redis_conn.llen(arrivals_key("n1")) == 1, 10, "the arrival")
         assert arrivals.take(redis_conn, "n1", 10) == (["1.2.3.4"], False)
     finally:
         log.stop()

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from rq.worker import Worker
 from pipeline import health, keys
 from pipeline.embed.limiter import RedisLimiter
 from tests import factory
-from tests.daemon import Daemon, children, storescu, successes
+from tests.daemon import Daemon, children, storescu, successes, wait_for
 from workers.janitor import MAX_WORKER_DEATHS, SCHEDULER_LOCK_SECONDS, WORKER_DEATHS, Janitor
 from workers.overlap import RUN_ALONE
 
@@ -36,14 +35,6 @@ QUEUE = "embed"
 
 def noop() -> None:
     """A job function; these tests never run it."""
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def start_on(conn: redis.Redis, queue: Queue, worker_name: str) -> Job:

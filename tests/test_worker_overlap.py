@@ -33,6 +33,7 @@ from pipeline.keys import EMBEDDED, health_key, inflight_key, text
 from pipeline.ledger import Ledger
 from pipeline.records import ImageRecord
 from pipeline.store import EmbeddingStore
+from tests.daemon import wait_for
 from workers import runtime
 from workers.janitor import Janitor, reap, worker_name
 from workers.jobs import embed_batch
@@ -44,6 +45,8 @@ QUEUE = "overlap-test"
 GATE = "test:gate"
 STARTED = "test:started"
 DONE = "test:done"
+#: How long a test waits for a worker to get somewhere.
+WAIT = 15
 EVENTS = "test:events"
 
 
@@ -60,14 +63,6 @@ def gated(name: str) -> str:
     conn.rpush(EVENTS, f"end {name}")
     conn.rpush(DONE, name)
     return name
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def texts(conn: redis.Redis, key: str) -> list[str]:
@@ -90,7 +85,7 @@ def open_gate_when(conn: redis.Redis, ready: Callable[[], bool], then: Callable[
 
     def run() -> None:
         try:
-            wait_for(ready, "the jobs to start")
+            wait_for(ready, WAIT, "the jobs to start")
             then()
         finally:
             conn.set(GATE, 1)
@@ -132,7 +127,7 @@ def test_a_job_flagged_to_run_alone_runs_with_nothing_beside_it(
     seen: dict[str, object] = {}
 
     def look() -> None:
-        wait_for(lambda: len(worker.running_jobs()) == 2, "the flagged job to be taken")
+        wait_for(lambda: len(worker.running_jobs()) == 2, WAIT, "the flagged job to be taken")
         seen.update(started=texts(redis_conn, STARTED), queued=queue.job_ids)
 
     open_gate_when(redis_conn, lambda: redis_conn.llen(STARTED) == 1, look)
@@ -234,7 +229,7 @@ def test_a_killed_worker_with_two_jobs_running_loses_neither(
     the front, and a new worker runs each of the three exactly once."""
     enqueue(queue, "a", "b", "c")
     proc = victim("victim:1")
-    wait_for(lambda: redis_conn.llen(STARTED) == 2, "the victim to start two jobs")
+    wait_for(lambda: redis_conn.llen(STARTED) == 2, WAIT, "the victim to start two jobs")
     assert queue.job_ids == ["job-c"]
     proc.kill()
     proc.wait(10)
@@ -272,7 +267,7 @@ def test_a_poison_job_is_failed_on_its_own_deaths_and_the_job_beside_it_runs(
         name = f"victim:{n}"
         proc = victim(name)
         if n == 1:
-            wait_for(lambda: redis_conn.llen(STARTED) == 2, "both jobs to start together")
+            wait_for(lambda: redis_conn.llen(STARTED) == 2, WAIT, "both jobs to start together")
             redis_conn.set(GATE, 1)
         proc.wait(20)  # every worker takes the poison sooner or later
         reap(redis_conn, queue, dead=name.__eq__, give_up=lambda job, _: given_up.append(job.id))
@@ -280,7 +275,7 @@ def test_a_poison_job_is_failed_on_its_own_deaths_and_the_job_beside_it_runs(
             break
     assert given_up == ["job-poison"] and n == 4  # together once, then alone three times
     victim("victim:next")  # if the poison went first each time, the innocent one is still due
-    wait_for(lambda: texts(redis_conn, DONE) == ["innocent"], "the innocent job to end")
+    wait_for(lambda: texts(redis_conn, DONE) == ["innocent"], WAIT, "the innocent job to end")
     assert queue.job_ids == []
     assert Job.fetch(poisoned.id, connection=redis_conn).get_status() == "failed"
 
@@ -292,10 +287,11 @@ def test_sigterm_lets_both_running_jobs_finish_and_takes_no_more(
     recorded, the worker exits cleanly, and the third job stays on the queue."""
     enqueue(queue, "a", "b", "c")
     proc = victim("stopping:1")
-    wait_for(lambda: redis_conn.llen(STARTED) == 2, "the worker to start two jobs")
+    wait_for(lambda: redis_conn.llen(STARTED) == 2, WAIT, "the worker to start two jobs")
     proc.send_signal(signal.SIGTERM)
     wait_for(
         lambda: redis_conn.hexists("rq:worker:stopping:1", "shutdown_requested_date"),
+        WAIT,
         "the worker to take the stop request",
     )
     assert proc.poll() is None, "the worker must wait for its jobs"
@@ -316,14 +312,14 @@ def test_sigterm_while_the_loop_waits_for_work_beside_a_job_stops_once_it_ends(
     in its pop after SIGTERM until killed.)"""
     enqueue(queue, "a")
     proc = victim("waiting:1")
-    wait_for(lambda: redis_conn.llen(STARTED) == 1, "the worker to start the job")
+    wait_for(lambda: redis_conn.llen(STARTED) == 1, WAIT, "the worker to start the job")
 
     def waiting_for_work() -> bool:  # rq's loop blocks in BLMOVE on the queue
         return any(c["cmd"] == "blmove" and "b" in c["flags"] for c in redis_conn.client_list())
 
-    wait_for(waiting_for_work, "the loop to block waiting for work")
+    wait_for(waiting_for_work, WAIT, "the loop to block waiting for work")
     proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: not waiting_for_work(), "the stop request to end the wait")
+    wait_for(lambda: not waiting_for_work(), WAIT, "the stop request to end the wait")
     assert texts(redis_conn, DONE) == []  # the job still runs
     redis_conn.set(GATE, 1)
     assert proc.wait(15) == 0
